@@ -1,0 +1,3 @@
+from openai_forward.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""Wiring: the ASGI application for a :class:`Settings`.
+
+Requests under a target's prefix go straight to that target's raw ASGI :class:`Forwarder`;
+FastAPI serves the rest (``/healthz``, 404s) and owns the lifespan that opens and closes the
+upstream sessions. Per-request framework routing stays off the hot path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from openai_forward.errors import error_body, send_error
+from openai_forward.forward import Forwarder
+from openai_forward.paths import match_prefix
+from openai_forward.settings import Settings
+from openai_forward.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger("openai_forward")
+
+
+class Gateway:
+    """The outermost ASGI app: address filter, longest-prefix dispatch, FastAPI for the rest."""
+
+    def __init__(self, settings: Settings, forwarders: list[Forwarder], fallback: ASGIApp) -> None:
+        self.settings = settings
+        self.forwarders = forwarders
+        self._routes = sorted(
+            ((f.target.prefix.encode(), f) for f in forwarders), key=lambda r: -len(r[0])
+        )
+        self._fallback = fallback
+        self._allow = settings.ip_whitelist
+        self._deny = settings.ip_blacklist
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._fallback(scope, receive, send)
+            return
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if path == b"/healthz":
+            await self._fallback(scope, receive, send)
+            return
+        if (self._allow or self._deny) and not self._address_allowed(scope):
+            await send_error(send, 403, "Your address is not allowed to use this service")
+            return
+        for prefix, forwarder in self._routes:
+            rest = match_prefix(path, prefix)
+            if rest is not None:
+                await forwarder(scope, receive, send, rest)
+                return
+        await self._fallback(scope, receive, send)
+
+    def _address_allowed(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        try:
+            address = ipaddress.ip_address(client[0]) if client else None
+        except ValueError:
+            address = None
+        if address is None:
+            return not self._allow
+        if any(address in net for net in self._deny):
+            return False
+        return not self._allow or any(address in net for net in self._allow)
+
+
+def create_app(settings: Settings) -> Gateway:
+    forwarders = [Forwarder(target, settings) for target in settings.targets]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for forwarder in forwarders:
+                await forwarder.upstream.open()
+                stack.push_async_callback(forwarder.upstream.close)
+            yield
+
+    api = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        message = "Unknown route" if exc.status_code == 404 else str(exc.detail)
+        return Response(
+            error_body(exc.status_code, message),
+            status_code=exc.status_code,
+            media_type="application/json",
+        )
+
+    return Gateway(settings, forwarders, api)
+
+
+def app_from_env() -> Gateway:
+    """Factory used by uvicorn workers: settings from the environment and ``./.env``."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,87 @@
+"""The start-up banner (SPEC §11): one rich panel per target, then the rate-limit panel."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+
+from openai_forward.settings import Settings, Target
+
+
+def _rows(title: str, rows: list[tuple[str, str]]) -> Panel:
+    table = Table(box=None, show_header=False, padding=(0, 1))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        table.add_row(name, value)
+    return Panel(table, title=title, title_align="left", box=box.ROUNDED, expand=False)
+
+
+def _target_panel(target: Target, settings: Settings) -> Panel:
+    openai = target.kind == "openai"
+    rows = [("base url", target.base_url), ("route prefix", target.prefix)]
+    if openai:
+        rows.append(("api keys", str(bool(settings.api_keys))))
+        rows.append(("forward keys", str(bool(settings.forward_keys))))
+        if settings.open_mode:
+            rows.append(
+                (
+                    "[bold red]open mode[/]",
+                    "[bold red]UNSAFE: anyone reaching this port spends "
+                    "your OPENAI_API_KEY (set FORWARD_KEY)[/]",
+                )
+            )
+        if settings.cache_enabled:
+            rows.append(("cache_backend", settings.cache_backend))
+            routes = [
+                r
+                for r, on in (
+                    ("/v1/chat/completions", settings.cache_chat_completion),
+                    ("/v1/embeddings", settings.cache_embedding),
+                )
+                if on
+            ]
+            rows.append(("cache routes", ", ".join(routes)))
+        if settings.log_chat:
+            rows.append(("LOG_CHAT", "True"))
+    if settings.proxy:
+        rows.append(("proxy", "configured"))
+    kind = "openai-type" if openai else "general"
+    return _rows(f"🤖 {kind} forward", rows)
+
+
+def _limit_panel(settings: Settings, workers: int) -> Panel:
+    backend = settings.req_rate_limit_backend
+    shown_backend = backend.split("@")[-1] if "@" in backend else backend  # hide a password
+    rows = [
+        ("backend", shown_backend),
+        ("strategy", settings.rate_limit_strategy),
+        ("global rate limit", settings.global_rate_limit or "inf"),
+    ]
+    if (
+        backend.startswith("memory")
+        and workers > 1
+        and (settings.req_rate_limit or settings.global_rate_limit)
+    ):
+        rows.append(
+            (
+                "[bold yellow]warning[/]",
+                f"[yellow]memory:// with {workers} workers: each worker "
+                "counts alone (use redis:// to share)[/]",
+            )
+        )
+    rows += [(f"{route} (req)", limit) for route, limit in settings.req_rate_limit.items()]
+    rows += [(f"{route} (token)", limit) for route, limit in settings.token_rate_limit.items()]
+    return _rows("⏱️ Rate Limit configuration", rows)
+
+
+def render(settings: Settings, workers: int = 1) -> Group:
+    panels = [_target_panel(t, settings) for t in settings.targets]
+    panels.append(_limit_panel(settings, workers))
+    return Group(*panels)
+
+
+def print_banner(settings: Settings, workers: int = 1, console: Console | None = None) -> None:
+    (console or Console()).print(render(settings, workers))

@@ -1,0 +1,134 @@
+"""The road every proxied request walks (one raw ASGI forwarder per target):
+
+route -> auth (keys) -> rate limit -> body -> cache -> upstream -> relay (pacing) -> client
+                                                               \\-> chat log (off-path)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from openai_forward.auth import KeyResolver
+from openai_forward.body import BodyTooLarge, ClientGone, read_body
+from openai_forward.cors import Cors
+from openai_forward.errors import ProxyError, send_error
+from openai_forward.headers import read_request_head
+from openai_forward.paths import is_safe_rest
+from openai_forward.relay import relay
+from openai_forward.settings import Settings, Target
+from openai_forward.types import Receive, Scope, Send
+from openai_forward.upstream import Upstream, UpstreamBroken
+
+logger = logging.getLogger("openai_forward")
+
+
+class DisconnectGuard:
+    """Cancels the request's task the moment the client hangs up, so the upstream request is
+    aborted at once (uvicorn's ``send`` is silent after a disconnect)."""
+
+    __slots__ = ("_stopped", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self._stopped = False
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher.add_done_callback(self._on_done)
+
+    @staticmethod
+    async def _watch(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def _on_done(self, watcher: asyncio.Future[None]) -> None:
+        if not self._stopped and not watcher.cancelled():
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watcher.cancel()
+
+
+class Forwarder:
+    """Forwards everything under one target's prefix to its base URL."""
+
+    def __init__(self, target: Target, settings: Settings) -> None:
+        self.target = target
+        self._openai = target.kind == "openai"
+        self._keys = KeyResolver(
+            settings.api_keys if self._openai else (),
+            settings.forward_keys if self._openai else (),
+        )
+        self.upstream = Upstream(
+            target.base_url,
+            connect_timeout=settings.timeout,
+            read_timeout=settings.read_timeout,
+            max_retries=settings.max_retries,
+            pool=self._keys.pool,
+            proxy=settings.proxy,
+        )
+        self._cors = Cors(settings.cors_allow_origins)
+        self._max_body = settings.max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, rest: bytes) -> None:
+        if not is_safe_rest(rest):
+            await send_error(send, 400, "Invalid request path")
+            return
+        try:
+            head = read_request_head(scope["headers"], self._openai)
+        except ValueError:
+            await send_error(send, 400, "Invalid Content-Length header")
+            return
+        cors: list[tuple[bytes, bytes]] = []
+        if head.origin is not None:
+            if Cors.is_preflight(scope):
+                await self._cors.preflight(scope, send, head.origin)
+                return
+            cors = self._cors.response_headers(head.origin)
+        if head.content_length is not None and head.content_length > self._max_body:
+            await send_error(
+                send, 413, f"Request body is larger than the limit of {self._max_body} bytes", cors
+            )
+            return
+        creds = self._keys.resolve(head.authorization)
+
+        try:
+            body = await read_body(receive, self._max_body)
+        except ClientGone:
+            return
+        except BodyTooLarge as exc:
+            await send_error(send, 413, str(exc), cors)
+            return
+
+        url = self.upstream.url(rest, scope["query_string"])
+        guard = DisconnectGuard(receive) if isinstance(body, bytes) else None
+        response: aiohttp.ClientResponse | None = None
+        started = False
+        try:
+            response = await self.upstream.send(scope["method"], url, head.upstream, body, creds)
+            started = True
+            await relay(send, self.upstream, response, cors)
+        except ProxyError as exc:
+            if not started:
+                await send_error(send, exc.status, exc.message, cors)
+        except UpstreamBroken as exc:
+            # Returning without finishing the body makes the server close the connection: the
+            # client sees a cut response, never a made-up ending.
+            logger.warning("Upstream broke off mid-response: %s", exc)
+        except (ClientGone, BodyTooLarge):
+            pass
+        except asyncio.CancelledError:
+            if guard is None or not guard.gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        finally:
+            if guard is not None:
+                guard.stop()
+            if response is not None:
+                response.close() if not response.content.is_eof() else response.release()

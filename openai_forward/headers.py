@@ -1,0 +1,78 @@
+"""Header filtering in both directions (SPEC §4), one pass each way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Never copied toward any upstream: the client library (aiohttp) sets what it must.
+_NOT_UPSTREAM = HOP_BY_HOP | {b"host", b"cookie", b"accept-encoding", b"content-length", b"expect"}
+# The only headers an openai-type provider sees (plus ``openai-*``).
+_OPENAI_ALLOWED = frozenset({b"content-type", b"accept", b"authorization"})
+# Never relayed to the client. ``date`` and ``server`` are set by our own server; CORS is ours.
+_NOT_DOWNSTREAM = HOP_BY_HOP | {b"set-cookie", b"date", b"server"}
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the forwarder needs from the client's headers, gathered in one pass."""
+
+    upstream: list[tuple[str, str]]
+    authorization: str | None = None
+    content_length: int | None = None
+    content_type: bytes | None = None
+    origin: bytes | None = None
+    forwarded_for: bytes | None = None
+
+
+def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> RequestHead:
+    """Split the client's headers into those sent upstream and those the proxy acts on.
+
+    ``authorization`` is left out of ``upstream``: the forwarder decides what to send.
+    Raises ``ValueError`` on a malformed ``Content-Length``.
+    """
+    head = RequestHead([])
+    keep = head.upstream.append
+    for name, value in raw:
+        if name == b"authorization":
+            head.authorization = value.decode("latin-1")
+            continue
+        if name == b"content-length":
+            head.content_length = int(value)
+            continue
+        if name == b"origin":
+            head.origin = value
+            if openai_type:
+                continue
+        elif name == b"content-type":
+            head.content_type = value
+        if openai_type:
+            if name in _OPENAI_ALLOWED or name.startswith(b"openai-"):
+                keep((name.decode("latin-1"), value.decode("latin-1")))
+        elif name not in _NOT_UPSTREAM and not name.startswith(b"proxy-"):
+            keep((name.decode("latin-1"), value.decode("latin-1")))
+    return head
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's end-to-end headers, lower-cased for ASGI, without hop-by-hop ones."""
+    out = []
+    for name, value in raw:
+        name = name.lower()
+        if name not in _NOT_DOWNSTREAM and not name.startswith(b"access-control-"):
+            out.append((name, value))
+    return out

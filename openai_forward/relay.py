@@ -1,0 +1,97 @@
+"""Relaying the upstream's response to the client as it arrives, optionally paced per event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+import aiohttp
+
+from openai_forward.headers import response_headers
+from openai_forward.sse import EventSplitter
+from openai_forward.types import Send
+from openai_forward.upstream import Upstream
+
+# A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
+WHOLE_BODY_LIMIT = 256 * 1024
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class Observer(Protocol):
+    """Sees a copy of the relayed body (for the cache and the chat log)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def close(self, complete: bool) -> None: ...
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+async def relay(
+    send: Send,
+    upstream: Upstream,
+    response: aiohttp.ClientResponse,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    interval: float | None = None,
+    observers: Sequence[Observer] = (),
+) -> None:
+    """Send ``response`` on to the client. Raises ``UpstreamBroken`` if the upstream breaks off
+    (the caller then cuts the client's response); observers are told whether the body was whole."""
+    headers = response_headers(response.raw_headers)
+    streaming = is_event_stream(response)
+    if streaming:
+        headers = [h for h in headers if h[0] != b"cache-control"]
+        headers += _STREAM_HEADERS
+    headers += extra_headers
+    complete = False
+    try:
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        length = response.content_length
+        if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
+            body = await upstream.read_body(response)
+            for observer in observers:
+                observer.feed(body)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            complete = True
+            return
+        if streaming and interval:
+            await _relay_paced(send, upstream, response, interval, observers)
+        else:
+            async for chunk in upstream.iter_body(response):
+                for observer in observers:
+                    observer.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        complete = True
+    finally:
+        for observer in observers:
+            observer.close(complete)
+
+
+async def _relay_paced(
+    send: Send,
+    upstream: Upstream,
+    response: aiohttp.ClientResponse,
+    interval: float,
+    observers: Sequence[Observer],
+) -> None:
+    """One event at a time, ``interval`` seconds apart at least, however the upstream batched."""
+    loop = asyncio.get_running_loop()
+    splitter = EventSplitter()
+    next_at = 0.0
+    async for chunk in upstream.iter_body(response):
+        for observer in observers:
+            observer.feed(chunk)
+        for event in splitter.feed(chunk):
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            next_at = loop.time() + interval
+    tail = splitter.flush()
+    if tail:
+        await send({"type": "http.response.body", "body": tail, "more_body": True})
