@@ -1,0 +1,151 @@
+"""Real parts for every test: our server under uvicorn on a loopback port (in a thread with its own
+event loop) and an in-process aiohttp upstream that records what it received."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+import uvloop
+from aiohttp import web
+from multidict import CIMultiDict
+
+from openai_forward.app import create_app
+from openai_forward.server import uvicorn_options
+from openai_forward.settings import Settings
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)
+
+
+class RecordingUpstream:
+    """An aiohttp server on 127.0.0.1 that records every request and answers by route."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.handlers: dict[str, Handler] = {}
+        self.closed_connections = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def route(self, path: str, handler: Handler) -> None:
+        self.handlers[path] = handler
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, handler_cancellation=True
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        handler = self.handlers.get(request.path)
+        if handler is not None and getattr(handler, "raw_body", False):
+            self.requests.append(Recorded(request.method, request.path_qs, request.headers.copy(), b""))
+            return await handler(request)
+        body = await request.read()
+        self.requests.append(Recorded(request.method, request.path_qs, request.headers.copy(), body))
+        if handler is not None:
+            return await handler(request)
+        return web.json_response({"echo": request.path_qs, "size": len(body)})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RecordingUpstream]:
+    server = RecordingUpstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class ProxyServer:
+    """Our app served by a real uvicorn on 127.0.0.1, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._server.serve(sockets=[self._sock]))
+
+    def start(self) -> ProxyServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+
+
+def make_settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(environ=env, env_file=None)
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[Callable[..., ProxyServer]]:
+    started: list[ProxyServer] = []
+
+    def start(**env: Any) -> ProxyServer:
+        server = ProxyServer(make_settings({k: str(v) for k, v in env.items()})).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory: Callable[..., ProxyServer], upstream: RecordingUpstream) -> ProxyServer:
+    """A proxy with one openai-type target at ``/`` pointing at the recording upstream."""
+    return proxy_factory(OPENAI_BASE_URL=upstream.url)
+
+
+def redis_url(db: int = 0) -> str:
+    return os.environ.get("OPENAI_FORWARD_TEST_REDIS", f"redis://127.0.0.1:6379/{db}")
