@@ -147,14 +147,14 @@ class _Reader:
         value = value.strip()
         return value or None
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self.raw(name) or default
 
-    def list(self, name: str) -> list[str]:
+    def items(self, name: str) -> list[str]:
         raw = self.raw(name)
         return [item.strip() for item in raw.split(",") if item.strip()] if raw else []
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         raw = self.raw(name)
         if raw is None:
             return default
@@ -253,8 +253,8 @@ def _check_base_url(name: str, url: str) -> str:
 def _targets(
     reader: _Reader, url_var: str, prefix_var: str, kind: TargetKind, default_url: str | None
 ) -> list[Target]:
-    urls = reader.list(url_var) or ([default_url] if default_url else [])
-    prefixes = reader.list(prefix_var)
+    urls = reader.items(url_var) or ([default_url] if default_url else [])
+    prefixes = reader.items(prefix_var)
     if kind == "openai" and not prefixes:
         prefixes = ["/"] * len(urls) if len(urls) == 1 else []
     if urls and len(prefixes) != len(urls):
@@ -275,7 +275,7 @@ def _targets(
 
 def _networks(reader: _Reader, name: str) -> tuple[IPNetwork, ...]:
     networks = []
-    for item in reader.list(name):
+    for item in reader.items(name):
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
@@ -297,7 +297,7 @@ def _parse(reader: _Reader) -> Settings:
             raise ConfigError(var, target.prefix, "each route prefix used once")
         seen.add(target.prefix)
 
-    strategy = reader.str("RATE_LIMIT_STRATEGY", "fixed-window").lower()
+    strategy = reader.text("RATE_LIMIT_STRATEGY", "fixed-window").lower()
     if strategy not in RATE_LIMIT_STRATEGIES:
         raise ConfigError("RATE_LIMIT_STRATEGY", strategy, " or ".join(RATE_LIMIT_STRATEGIES))
 
@@ -307,14 +307,14 @@ def _parse(reader: _Reader) -> Settings:
     if global_limit is not None:
         _check_limit("GLOBAL_RATE_LIMIT", global_limit)
 
-    backend = reader.str("REQ_RATE_LIMIT_BACKEND", "memory://")
+    backend = reader.text("REQ_RATE_LIMIT_BACKEND", "memory://")
     if not backend.startswith(("memory://", "redis://", "rediss://", "unix://")):
         raise ConfigError("REQ_RATE_LIMIT_BACKEND", backend, "memory:// or redis://host:port[/db]")
 
-    cache_backend = reader.str("CACHE_BACKEND", "MEMORY").upper()
+    cache_backend = reader.text("CACHE_BACKEND", "MEMORY").upper()
     if cache_backend not in CACHE_BACKENDS:
         raise ConfigError("CACHE_BACKEND", cache_backend, " or ".join(CACHE_BACKENDS))
-    cache_root = reader.str("CACHE_ROOT_PATH_OR_URL", ".")
+    cache_root = reader.text("CACHE_ROOT_PATH_OR_URL", ".")
     if cache_backend == "REDIS" and not cache_root.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
             "CACHE_ROOT_PATH_OR_URL", cache_root, "a redis:// URL when CACHE_BACKEND=REDIS"
@@ -340,30 +340,30 @@ def _parse(reader: _Reader) -> Settings:
 
     return Settings(
         targets=tuple(targets),
-        api_keys=tuple(Secret(k) for k in reader.list("OPENAI_API_KEY")),
-        forward_keys=tuple(Secret(k) for k in reader.list("FORWARD_KEY")),
+        api_keys=tuple(Secret(k) for k in reader.items("OPENAI_API_KEY")),
+        forward_keys=tuple(Secret(k) for k in reader.items("FORWARD_KEY")),
         req_rate_limit=reader.limit_map("REQ_RATE_LIMIT"),
         global_rate_limit=global_limit,
         rate_limit_strategy=strategy,
         req_rate_limit_backend=backend,
-        rate_limit_fail_open=reader.bool("RATE_LIMIT_FAIL_OPEN", True),
+        rate_limit_fail_open=reader.flag("RATE_LIMIT_FAIL_OPEN", True),
         token_rate_limit=reader.limit_map("TOKEN_RATE_LIMIT"),
         proxy=proxy,
         timeout=timeout,
         read_timeout=read_timeout,
         max_retries=reader.integer("MAX_RETRIES", 3, minimum=0),
         max_body_size=reader.integer("MAX_BODY_SIZE", 512 * 1024 * 1024, minimum=1),
-        log_chat=reader.bool("LOG_CHAT", False),
-        log_folder=reader.str("LOG_FOLDER", "Log"),
-        cache_chat_completion=reader.bool("CACHE_CHAT_COMPLETION", False),
-        cache_embedding=reader.bool("CACHE_EMBEDDING", False),
+        log_chat=reader.flag("LOG_CHAT", False),
+        log_folder=reader.text("LOG_FOLDER", "Log"),
+        cache_chat_completion=reader.flag("CACHE_CHAT_COMPLETION", False),
+        cache_embedding=reader.flag("CACHE_EMBEDDING", False),
         cache_backend=cache_backend,
         cache_root_path_or_url=cache_root,
-        default_request_caching_value=reader.bool("DEFAULT_REQUEST_CACHING_VALUE", False),
+        default_request_caching_value=reader.flag("DEFAULT_REQUEST_CACHING_VALUE", False),
         cache_ttl=cache_ttl,
         ip_whitelist=_networks(reader, "IP_WHITELIST"),
         ip_blacklist=_networks(reader, "IP_BLACKLIST"),
-        forwarded_allow_ips=reader.str("FORWARDED_ALLOW_IPS", "127.0.0.1"),
-        cors_allow_origins=tuple(reader.list("CORS_ALLOW_ORIGINS") or ["*"]),
+        forwarded_allow_ips=reader.text("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        cors_allow_origins=tuple(reader.items("CORS_ALLOW_ORIGINS") or ["*"]),
         tz=tz,
     )

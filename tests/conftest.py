@@ -69,10 +69,14 @@ class RecordingUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         handler = self.handlers.get(request.path)
         if handler is not None and getattr(handler, "raw_body", False):
-            self.requests.append(Recorded(request.method, request.path_qs, request.headers.copy(), b""))
+            self.requests.append(
+                Recorded(request.method, request.path_qs, request.headers.copy(), b"")
+            )
             return await handler(request)
         body = await request.read()
-        self.requests.append(Recorded(request.method, request.path_qs, request.headers.copy(), body))
+        self.requests.append(
+            Recorded(request.method, request.path_qs, request.headers.copy(), body)
+        )
         if handler is not None:
             return await handler(request)
         return web.json_response({"echo": request.path_qs, "size": len(body)})

@@ -293,7 +293,7 @@ async def test_client_disconnect_while_waiting_for_headers(proxy: ProxyServer, u
         return web.json_response({})
 
     upstream.route("/v1/chat/completions", slow)
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     await writer.drain()
     while not upstream.requests:
@@ -526,4 +526,6 @@ async def test_large_upload_is_streamed_not_held(proxy: ProxyServer, upstream):
     response = await asyncio.wait_for(reader.readuntil(b"}"), 20)
     writer.close()
     assert b"200 OK" in response
-    assert orjson.loads(response.partition(b"\r\n\r\n")[2].split(b"\r\n")[-1]) == {"received": total}
+    assert orjson.loads(response.partition(b"\r\n\r\n")[2].split(b"\r\n")[-1]) == {
+        "received": total
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 from aiohttp import web
 
 from openai_forward.auth import KeyPool
@@ -39,7 +38,9 @@ async def test_forward_key_swapped_unknown_key_unchanged_no_key_none(proxy_facto
 
 async def test_rotation_order(proxy_factory, upstream):
     proxy = proxy_factory(
-        OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-real-1,sk-real-2,sk-real-3", FORWARD_KEY="fk"
+        OPENAI_BASE_URL=upstream.url,
+        OPENAI_API_KEY="sk-real-1,sk-real-2,sk-real-3",
+        FORWARD_KEY="fk",
     )
     seen = await _auths(proxy, upstream, ["Bearer fk"] * 7)
     assert seen == [f"Bearer sk-real-{i}" for i in (1, 2, 3, 1, 2, 3, 1)]
@@ -77,9 +78,10 @@ async def test_key_answered_401_is_set_aside(proxy_factory, upstream):
         OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-real-1,sk-real-2", FORWARD_KEY="fk"
     )
     seen = await _auths(proxy, upstream, ["Bearer fk"] * 4)
-    assert seen == ["Bearer sk-real-1", "Bearer sk-real-2", "Bearer sk-real-1"] + [
-        "Bearer sk-real-1"
-    ] * 2
+    assert (
+        seen
+        == ["Bearer sk-real-1", "Bearer sk-real-2", "Bearer sk-real-1"] + ["Bearer sk-real-1"] * 2
+    )
 
 
 async def test_own_key_401_is_relayed(proxy_factory, upstream):
