@@ -17,9 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from openai_forward.cache import build_cache
+from openai_forward.chatlog import build_chatlog
 from openai_forward.errors import error_body, send_error
-from openai_forward.forward import Forwarder
+from openai_forward.exchange import Resource
+from openai_forward.forward import Features, Forwarder
 from openai_forward.paths import match_prefix
+from openai_forward.ratelimit import build_limiter, pacing_intervals
 from openai_forward.settings import Settings
 from openai_forward.types import ASGIApp, Receive, Scope, Send
 
@@ -71,11 +75,23 @@ class Gateway:
 
 
 def create_app(settings: Settings) -> Gateway:
-    forwarders = [Forwarder(target, settings) for target in settings.targets]
+    features = Features(
+        limiter=build_limiter(settings),
+        cache=build_cache(settings),
+        chatlog=build_chatlog(settings),
+        pacing=pacing_intervals(settings),
+    )
+    forwarders = [Forwarder(target, settings, features) for target in settings.targets]
+    resources: list[Resource] = [
+        r for r in (features.limiter, features.cache, features.chatlog) if r is not None
+    ]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            for resource in resources:
+                await resource.open()
+                stack.push_async_callback(resource.close)
             for forwarder in forwarders:
                 await forwarder.upstream.open()
                 stack.push_async_callback(forwarder.upstream.close)

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
+import orjson
 
 from openai_forward.auth import KeyResolver
 from openai_forward.body import BodyTooLarge, ClientGone, read_body
+from openai_forward.cache import ResponseCache, Ticket
+from openai_forward.chatlog import ChatLog
 from openai_forward.cors import Cors
 from openai_forward.errors import ProxyError, send_error
+from openai_forward.exchange import Call, Observer, call_kind
 from openai_forward.headers import read_request_head
 from openai_forward.paths import is_safe_rest
+from openai_forward.ratelimit import RequestLimiter
 from openai_forward.relay import relay
 from openai_forward.settings import Settings, Target
 from openai_forward.types import Receive, Scope, Send
@@ -55,10 +62,20 @@ class DisconnectGuard:
         self._watcher.cancel()
 
 
+@dataclass(frozen=True)
+class Features:
+    """The optional steps of the road, shared by all forwarders (None: switched off)."""
+
+    limiter: RequestLimiter | None = None
+    cache: ResponseCache | None = None
+    chatlog: ChatLog | None = None
+    pacing: Mapping[str, float] = field(default_factory=dict)  # route -> seconds between events
+
+
 class Forwarder:
     """Forwards everything under one target's prefix to its base URL."""
 
-    def __init__(self, target: Target, settings: Settings) -> None:
+    def __init__(self, target: Target, settings: Settings, features: Features) -> None:
         self.target = target
         self._openai = target.kind == "openai"
         self._keys = KeyResolver(
@@ -75,6 +92,13 @@ class Forwarder:
         )
         self._cors = Cors(settings.cors_allow_origins)
         self._max_body = settings.max_body_size
+        self._limiter = features.limiter
+        self._pacing = dict(features.pacing)
+        self._prefix = "" if target.prefix == "/" else target.prefix
+        # Chat logs and the cache look into bodies of openai-type targets only.
+        self._cache = features.cache if self._openai else None
+        self._chatlog = features.chatlog if self._openai else None
+        self._inspects = self._cache is not None or self._chatlog is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, rest: bytes) -> None:
         if not is_safe_rest(rest):
@@ -97,6 +121,13 @@ class Forwarder:
             )
             return
         creds = self._keys.resolve(head.authorization)
+        route = self._prefix + rest.decode("latin-1") if rest else self.target.prefix
+
+        if self._limiter is not None:
+            refusal = await self._limiter.check(creds.user or _client(scope), route)
+            if refusal is not None:
+                await send_error(send, 429, refusal.message, [*refusal.headers, *cors])
+                return
 
         try:
             body = await read_body(receive, self._max_body)
@@ -106,6 +137,22 @@ class Forwarder:
             await send_error(send, 413, str(exc), cors)
             return
 
+        observers: list[Observer] = []
+        ticket: Ticket | None = None
+        if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
+            call = self._call(scope, rest, route, body, creds.user)
+            if call is not None:
+                if self._chatlog is not None and self._chatlog.watches(call.kind):
+                    observers.append(self._chatlog.request(call))
+                if self._cache is not None and self._cache.watches(call.kind):
+                    ticket = await self._cache.begin(call)
+                    if ticket is not None and ticket.answer is not None:
+                        await ticket.replay(send, cors, call.stream, observers)
+                        return
+                    if ticket is not None:
+                        observers.append(ticket)
+                body = call.body
+
         url = self.upstream.url(rest, scope["query_string"])
         guard = DisconnectGuard(receive) if isinstance(body, bytes) else None
         response: aiohttp.ClientResponse | None = None
@@ -113,7 +160,14 @@ class Forwarder:
         try:
             response = await self.upstream.send(scope["method"], url, head.upstream, body, creds)
             started = True
-            await relay(send, self.upstream, response, cors)
+            await relay(
+                send,
+                self.upstream,
+                response,
+                cors,
+                interval=self._pacing.get(route),
+                observers=observers,
+            )
         except ProxyError as exc:
             if not started:
                 await send_error(send, exc.status, exc.message, cors)
@@ -130,5 +184,29 @@ class Forwarder:
         finally:
             if guard is not None:
                 guard.stop()
+            if ticket is not None:
+                ticket.release()
+            if not started:
+                for observer in observers:
+                    observer.close(False)
             if response is not None:
                 response.close() if not response.content.is_eof() else response.release()
+
+    def _call(
+        self, scope: Scope, rest: bytes, route: str, body: bytes, user: str | None
+    ) -> Call | None:
+        kind = call_kind(rest.decode("latin-1"))
+        if kind is None:
+            return None
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        return Call(self.target, kind, route, payload, body, _client(scope), user)
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"

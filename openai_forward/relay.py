@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol
 
 import aiohttp
 
+from openai_forward.exchange import Observer
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
@@ -16,14 +16,6 @@ from openai_forward.upstream import Upstream
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-
-class Observer(Protocol):
-    """Sees a copy of the relayed body (for the cache and the chat log)."""
-
-    def feed(self, chunk: bytes) -> None: ...
-
-    def close(self, complete: bool) -> None: ...
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -47,6 +39,8 @@ async def relay(
         headers = [h for h in headers if h[0] != b"cache-control"]
         headers += _STREAM_HEADERS
     headers += extra_headers
+    for observer in observers:
+        observer.start(response.status, headers)
     complete = False
     try:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})

@@ -15,6 +15,10 @@ def check_startup(settings: Settings) -> None:
 
     Raises :class:`~openai_forward.settings.ConfigError`.
     """
+    from openai_forward import cache, ratelimit
+
+    ratelimit.check_startup(settings)
+    cache.check_startup(settings)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

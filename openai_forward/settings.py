@@ -91,6 +91,7 @@ class Settings:
     rate_limit_strategy: str = "fixed-window"
     req_rate_limit_backend: str = "memory://"
     rate_limit_fail_open: bool = True
+    redis_key_prefix: str = "openai-forward"
     token_rate_limit: Mapping[str, str] = field(default_factory=dict)
     proxy: str | None = None
     timeout: float = 10.0
@@ -347,6 +348,7 @@ def _parse(reader: _Reader) -> Settings:
         rate_limit_strategy=strategy,
         req_rate_limit_backend=backend,
         rate_limit_fail_open=reader.flag("RATE_LIMIT_FAIL_OPEN", True),
+        redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "openai-forward"),
         token_rate_limit=reader.limit_map("TOKEN_RATE_LIMIT"),
         proxy=proxy,
         timeout=timeout,

@@ -151,5 +151,39 @@ def proxy(proxy_factory: Callable[..., ProxyServer], upstream: RecordingUpstream
     return proxy_factory(OPENAI_BASE_URL=upstream.url)
 
 
-def redis_url(db: int = 0) -> str:
-    return os.environ.get("OPENAI_FORWARD_TEST_REDIS", f"redis://127.0.0.1:6379/{db}")
+REDIS_URL = os.environ.get("OPENAI_FORWARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@dataclass
+class RedisForTest:
+    url: str
+    prefix: str  # give it to the proxy as REDIS_KEY_PREFIX; every key under it is removed after
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisForTest]:
+    """The shared Redis at 127.0.0.1:6379 with a key prefix of this test's own.
+
+    Skips when Redis is unreachable, unless OPENAI_FORWARD_REQUIRE_REDIS=1 (CI), where it fails.
+    """
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable Redis"
+        await client.aclose()
+        message = f"Redis at {REDIS_URL} is not reachable ({type(exc).__name__})"
+        if os.environ.get("OPENAI_FORWARD_REQUIRE_REDIS") == "1":
+            pytest.fail(message + " and OPENAI_FORWARD_REQUIRE_REDIS=1")
+        pytest.skip(message)
+    prefix = f"aifd-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield RedisForTest(REDIS_URL, prefix)
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

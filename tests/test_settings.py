@@ -113,3 +113,14 @@ def test_env_file_under_real_environment(tmp_path):
     assert s.log_chat is True
     assert s.timeout == 7  # the real environment wins
     assert dict(s.req_rate_limit) == {"/v1/x": "1/second"}
+
+
+async def test_redis_fixture_gives_a_private_prefix(redis_server):
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.set(f"{redis_server.prefix}:probe", b"1")
+        assert await client.get(f"{redis_server.prefix}:probe") == b"1"
+    finally:
+        await client.aclose()

@@ -1,0 +1,69 @@
+"""What the features (limits, cache, chat log) see of a proxied call, and the hooks they offer.
+
+The forwarder builds a :class:`Call` only for the routes a feature watches, parsing the JSON body
+once; on every other request nothing here is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from openai_forward.settings import Target
+
+CallKind = Literal["chat", "completion", "embedding"]
+Headers = list[tuple[bytes, bytes]]
+
+_KINDS: tuple[tuple[str, CallKind], ...] = (
+    ("/chat/completions", "chat"),
+    ("/completions", "completion"),
+    ("/embeddings", "embedding"),
+)
+
+
+def call_kind(rest: str) -> CallKind | None:
+    """The kind of an OpenAI route, by its path after the prefix (``/v1/chat/completions``)."""
+    for suffix, kind in _KINDS:
+        if rest.endswith(suffix):
+            return kind
+    return None
+
+
+@dataclass(slots=True)
+class Call:
+    """One chat/completion/embedding request with a JSON object body."""
+
+    target: Target
+    kind: CallKind
+    route: str  # as the client sees it: prefix + rest, no query
+    payload: dict[str, Any]  # the parsed body as the client sent it
+    body: bytes  # the body sent upstream (a feature may rewrite it, e.g. drop "caching")
+    client: str  # client address
+    user: str | None  # hashed forward key, if the client sent one
+    uid: str = ""  # set by the chat log
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> bool:
+        return self.payload.get("stream") is True
+
+
+class Observer(Protocol):
+    """Sees the upstream's answer as it is relayed (for the cache and the chat log).
+
+    ``start`` comes first with the status and headers; ``feed`` gets every body chunk; ``close``
+    comes last, once, with ``complete=True`` only if the whole body reached the client.
+    Observers must be cheap and must never raise.
+    """
+
+    def start(self, status: int, headers: Headers) -> None: ...
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def close(self, complete: bool) -> None: ...
+
+
+class Resource(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
