@@ -173,7 +173,7 @@ async def redis_server() -> AsyncIterator[RedisForTest]:
     client = aioredis.from_url(REDIS_URL)
     try:
         await client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no usable Redis"
+    except Exception as exc:  # any failure means "no usable Redis"
         await client.aclose()
         message = f"Redis at {REDIS_URL} is not reachable ({type(exc).__name__})"
         if os.environ.get("OPENAI_FORWARD_REQUIRE_REDIS") == "1":
