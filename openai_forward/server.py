@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import logging
+import copy
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from openai_forward.settings import Settings
 
@@ -35,10 +36,27 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging setup plus our ``openai_forward`` logger, applied in every worker."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["proxy"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+    }
+    config["handlers"]["proxy"] = {
+        "formatter": "proxy",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["openai_forward"] = {
+        "handlers": ["proxy"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
+
+
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     uvicorn.run(
         "openai_forward.app:app_from_env",
         factory=True,
@@ -46,5 +64,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         log_level="info",
+        log_config=log_config(),
         **uvicorn_options(settings),
     )
