@@ -200,3 +200,34 @@ async def test_a_concurrent_burst_admits_exactly_the_limit(limited, upstream):
     assert statuses.count(200) == 30
     assert statuses.count(429) == 70
     assert upstream_count(upstream) == 30
+
+
+@pytest.mark.redis
+async def test_a_client_hammering_after_its_refusal_costs_the_storage_nothing(
+    proxy_factory, upstream, redis_server
+):
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url,
+        GLOBAL_RATE_LIMIT="2/minute",
+        REQ_RATE_LIMIT_BACKEND=redis_server.url,
+        REDIS_KEY_PREFIX=redis_server.prefix,
+    )
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        responses = [await client.post(CHAT, json=BODY) for _ in range(30)]
+    assert [r.status_code for r in responses] == [200, 200] + [429] * 28
+    resets = {r.headers["x-ratelimit-reset"] for r in responses[2:]}
+    assert len(resets) == 1  # the same window throughout
+    assert {r.json()["error"]["message"] for r in responses[2:]} == {
+        "Rate limit exceeded: 2 per 1 minute"
+    }
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server.url)
+    try:
+        keys = [k async for k in client.scan_iter(match=redis_server.prefix + "*")]
+        counts = [int(await client.get(k)) for k in keys]
+    finally:
+        await client.aclose()
+    # two admitted and the first refusal were counted; the 27 repeats never reached Redis
+    assert counts == [3]
+    assert upstream_count(upstream) == 2

@@ -85,9 +85,9 @@ def spare_redis(tmp_path: Path) -> Iterator[SpareRedis]:
         server.stop()
 
 
-async def timed_post(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+async def timed_post(client: httpx.AsyncClient, key: str) -> tuple[int, float, httpx.Response]:
     start = time.monotonic()
-    response = await client.post(CHAT, json=BODY)
+    response = await client.post(CHAT, json=BODY, headers={"Authorization": f"Bearer {key}"})
     return response.status_code, time.monotonic() - start, response
 
 
@@ -102,14 +102,15 @@ async def test_redis_lost_while_serving_and_back(
         REQ_RATE_LIMIT_BACKEND=spare_redis.url,
         GLOBAL_RATE_LIMIT="2/minute",
         RATE_LIMIT_FAIL_OPEN=str(fail_open).lower(),
+        FORWARD_KEY="fk-before,fk-during,fk-after",  # three users
     )
     async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
-        assert [(await timed_post(client))[0] for _ in range(3)] == [200, 200, 429]
+        assert [(await timed_post(client, "fk-before"))[0] for _ in range(3)] == [200, 200, 429]
 
         spare_redis.stop()
         during = []
         for _ in range(4):  # spread over 1.5 s: the lost storage is tried more than once
-            during.append(await timed_post(client))
+            during.append(await timed_post(client, "fk-during"))
             await asyncio.sleep(0.5)
         expected = 200 if fail_open else 503
         assert [status for status, _, _ in during] == [expected] * 4
@@ -122,19 +123,21 @@ async def test_redis_lost_while_serving_and_back(
         assert len(lost) == 1  # at most one warning a minute
         assert lost[0].levelno == logging.WARNING
         assert ("admitting" if fail_open else "refusing") in lost[0].getMessage()
+        # a user refused before the outage stays refused until its window is over
+        assert (await timed_post(client, "fk-before"))[0] == 429
 
         spare_redis.start()  # empty: the counters went with the old process
         after: list[int] = []
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline and after[-1:] != [429]:
-            after.append((await timed_post(client))[0])
+            after.append((await timed_post(client, "fk-after"))[0])
             await asyncio.sleep(0.1)
     # limiting resumed by itself: two admitted on the new counters, then refused
     assert after[-3:] == [200, 200, 429], after
     if not fail_open:
         assert set(after[:-3]) <= {503}
     assert any("is back" in r.getMessage() for r in caplog.records)
-    assert len([r for r in upstream.requests]) == (2 + 4 if fail_open else 2) + after.count(200)
+    assert len(upstream.requests) == (2 + 4 if fail_open else 2) + after.count(200)
 
 
 def settings(**env: str) -> Settings:
