@@ -96,7 +96,7 @@ async def timed_post(client: httpx.AsyncClient, key: str) -> tuple[int, float, h
 async def test_redis_lost_while_serving_and_back(
     proxy_factory, upstream, spare_redis: SpareRedis, caplog, fail_open: bool
 ):
-    caplog.set_level(logging.WARNING, logger="openai_forward.ratelimit")
+    caplog.set_level(logging.INFO, logger="openai_forward.ratelimit")
     proxy = proxy_factory(
         OPENAI_BASE_URL=upstream.url,
         REQ_RATE_LIMIT_BACKEND=spare_redis.url,

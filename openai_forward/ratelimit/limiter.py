@@ -78,7 +78,7 @@ class RequestLimiter:
             return self._storage_failed(exc)
         if self._down_until:
             self._down_until = 0.0
-            logger.warning("Rate limit storage is back: requests are limited again")
+            logger.info("Rate limit storage is back: requests are limited again")
         return None
 
     async def _refuse(self, item: RateLimitItem, user: str, route: str) -> Refusal:
