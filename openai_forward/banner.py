@@ -7,6 +7,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 
+from openai_forward.ratelimit.storage import redacted
 from openai_forward.settings import Settings, Target
 
 
@@ -54,17 +55,16 @@ def _target_panel(target: Target, settings: Settings) -> Panel:
 
 def _limit_panel(settings: Settings, workers: int) -> Panel:
     backend = settings.req_rate_limit_backend
-    shown_backend = backend.split("@")[-1] if "@" in backend else backend  # hide a password
+    limited = bool(settings.req_rate_limit or settings.global_rate_limit)
     rows = [
-        ("backend", shown_backend),
+        ("backend", redacted(backend)),
         ("strategy", settings.rate_limit_strategy),
         ("global rate limit", settings.global_rate_limit or "inf"),
     ]
-    if (
-        backend.startswith("memory")
-        and workers > 1
-        and (settings.req_rate_limit or settings.global_rate_limit)
-    ):
+    if limited and not backend.startswith("memory"):
+        fail_open = settings.rate_limit_fail_open
+        rows.append(("storage down", "admit (fail open)" if fail_open else "refuse (fail closed)"))
+    if backend.startswith("memory") and workers > 1 and limited:
         rows.append(
             (
                 "[bold yellow]warning[/]",

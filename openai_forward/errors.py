@@ -17,6 +17,7 @@ _KIND = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     502: ("upstream_error", "bad_gateway"),
+    503: ("service_unavailable_error", "service_unavailable"),
     504: ("upstream_error", "gateway_timeout"),
 }
 

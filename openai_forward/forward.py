@@ -126,7 +126,7 @@ class Forwarder:
         if self._limiter is not None:
             refusal = await self._limiter.check(creds.user or _client(scope), route)
             if refusal is not None:
-                await send_error(send, 429, refusal.message, [*refusal.headers, *cors])
+                await send_error(send, refusal.status, refusal.message, [*refusal.headers, *cors])
                 return
 
         try:

@@ -73,19 +73,27 @@ async def _relay_paced(
     interval: float,
     observers: Sequence[Observer],
 ) -> None:
-    """One event at a time, ``interval`` seconds apart at least, however the upstream batched."""
+    """One event at a time, ``interval`` seconds apart at least, however the upstream batched.
+
+    Each gap is measured from the moment the previous event was handed on, so a slow client or
+    a late upstream never earns a burst afterwards."""
     loop = asyncio.get_running_loop()
     splitter = EventSplitter()
     next_at = 0.0
+
+    async def emit(event: bytes) -> None:
+        nonlocal next_at
+        delay = next_at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+        next_at = loop.time() + interval
+
     async for chunk in upstream.iter_body(response):
         for observer in observers:
             observer.feed(chunk)
         for event in splitter.feed(chunk):
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            next_at = loop.time() + interval
+            await emit(event)
     tail = splitter.flush()
-    if tail:
-        await send({"type": "http.response.body", "body": tail, "more_body": True})
+    if tail:  # an unterminated last event is an event too
+        await emit(tail)
