@@ -120,3 +120,29 @@ async def test_uncached_routes_lose_the_field_but_get_no_header(proxy_factory, u
     assert embed.headers["x-cache"] == "MISS"
     assert all(b"caching" not in r.body for r in upstream.requests)
     assert sum(1 for r in upstream.requests if r.path_qs == CHAT) == 2
+
+
+async def test_a_store_that_cannot_open_leaves_the_process_serving(
+    proxy_factory, upstream, tmp_path, caplog
+):
+    import plyvel
+
+    fake_openai.install(upstream)
+    (tmp_path / "cache").mkdir()
+    held = plyvel.DB(str(tmp_path / "cache" / "leveldb"), create_if_missing=True)
+    try:
+        with caplog.at_level(logging.ERROR, logger="openai_forward.cache"):
+            proxy = proxy_factory(
+                OPENAI_BASE_URL=upstream.url,
+                CACHE_CHAT_COMPLETION="true",
+                CACHE_BACKEND="LEVELDB",
+                CACHE_ROOT_PATH_OR_URL=str(tmp_path),
+            )
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            answers = [await client.post(CHAT, json=BODY) for _ in range(2)]
+    finally:
+        held.close()
+    assert [r.status_code for r in answers] == [200, 200]
+    # Single flight still works without a store, but nothing is kept between calls.
+    assert [r.headers["x-cache"] for r in answers] == ["MISS", "MISS"]
+    assert any("runs without it" in r.message for r in caplog.records)
