@@ -1,5 +1,5 @@
-"""The cache when things go wrong: a backend that dies, a first call that fails; and when it is
-off or only partly on."""
+"""The cache when things go wrong (a backend that dies, a first call that fails), when it is off
+or only partly on, and who may read it."""
 
 from __future__ import annotations
 
@@ -146,3 +146,29 @@ async def test_a_store_that_cannot_open_leaves_the_process_serving(
     # Single flight still works without a store, but nothing is kept between calls.
     assert [r.headers["x-cache"] for r in answers] == ["MISS", "MISS"]
     assert any("runs without it" in r.message for r in caplog.records)
+
+
+async def test_with_forward_keys_only_their_holders_read_the_cache(proxy_factory, upstream):
+    fake_openai.install(upstream)
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url,
+        OPENAI_API_KEY="sk-real-secret",
+        FORWARD_KEY="fk-team",
+        CACHE_CHAT_COMPLETION="true",
+    )
+
+    async def ask(client: httpx.AsyncClient, key: str | None) -> str:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        r = await client.post(CHAT, json=BODY, headers=headers)
+        assert r.status_code == 200
+        return r.headers["x-cache"]
+
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        states = [await ask(client, key) for key in ("fk-team", "fk-team", "sk-own", None)]
+    # A stranger's own key (or none) goes to the upstream, which alone can judge it.
+    assert states == ["MISS", "HIT", "MISS", "MISS"]
+    assert [r.headers.get("Authorization") for r in upstream.requests] == [
+        "Bearer sk-real-secret",
+        "Bearer sk-own",
+        None,
+    ]

@@ -15,6 +15,8 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
 from openai_forward.cache.store import (
@@ -41,12 +43,21 @@ MAX_PENDING_WRITES = 1024  # answers waiting for a slow backend; past this new o
 
 class ResponseCache:
     def __init__(
-        self, store: Store, kinds: frozenset[CallKind], read_by_default: bool, ttl: float | None
+        self,
+        store: Store,
+        kinds: frozenset[CallKind],
+        read_by_default: bool,
+        ttl: float | None,
+        *,
+        members_only: bool = False,
     ) -> None:
         self.store = store
         self._kinds = kinds
         self._read_by_default = read_by_default
         self._ttl = ttl
+        # With forward keys configured, only their holders are answered from the cache: anyone
+        # else is forwarded with their own key, and only the upstream can judge that key.
+        self._members_only = members_only
         self._flights: dict[bytes, asyncio.Future[bytes | None]] = {}
         # Answers handed to the backend and not yet written: served from here meanwhile, so a
         # request right after a miss is a hit on every backend.
@@ -90,7 +101,8 @@ class ResponseCache:
         if call.kind not in self._kinds:
             return None
         key = cache_key(call.target.base_url, call.route, call.query, payload)
-        if not (flag if isinstance(flag, bool) else self._read_by_default):
+        reads = flag if isinstance(flag, bool) else self._read_by_default
+        if not reads or (self._members_only and call.user is None):
             # It may not read, but its fresh answer refreshes the entry.
             return Miss(functools.partial(self._settle, key, None), call.kind == "chat")
         chat = call.kind == "chat"
@@ -157,8 +169,8 @@ class ResponseCache:
         except Exception as exc:
             self._trouble("delete", exc)
 
-    def _spawn(self, job: object) -> None:
-        task = asyncio.ensure_future(job)  # type: ignore[call-overload]
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -195,6 +207,7 @@ def build_cache(settings: Settings) -> ResponseCache | None:
         frozenset(kinds),
         settings.default_request_caching_value,
         settings.cache_ttl,
+        members_only=bool(settings.forward_keys),
     )
 
 

@@ -56,12 +56,14 @@ class ThreadedStore:
         if self._writer is None or self._reader is None:
             return
         loop = asyncio.get_running_loop()
+        reader, writer = self._reader, self._writer
         try:
-            await loop.run_in_executor(self._writer, self._drain)
+            await loop.run_in_executor(writer, self._drain)
         finally:
-            self._reader.shutdown(wait=True)
-            await loop.run_in_executor(self._writer, self._close_sync)
-            self._writer.shutdown(wait=True)
+            # Joining threads blocks: done in the default executor, never on the loop.
+            await loop.run_in_executor(None, reader.shutdown)
+            await loop.run_in_executor(writer, self._close_sync)
+            await loop.run_in_executor(None, writer.shutdown)
             self._reader = self._writer = None
 
     async def get(self, key: bytes) -> bytes | None:
