@@ -172,3 +172,23 @@ async def test_with_forward_keys_only_their_holders_read_the_cache(proxy_factory
         "Bearer sk-own",
         None,
     ]
+
+
+async def test_compressed_answers_are_relayed_but_not_stored(proxy_factory, upstream):
+    import gzip
+
+    async def gzipped(request: web.Request) -> web.Response:
+        answer = await fake_openai.chat(request)
+        assert isinstance(answer, web.Response) and answer.body is not None
+        return web.Response(
+            body=gzip.compress(bytes(answer.body)),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    upstream.route(CHAT, gzipped)
+    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, CACHE_CHAT_COMPLETION="true")
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        answers = [await client.post(CHAT, json=BODY) for _ in range(2)]
+    assert [r.json()["choices"][0]["message"]["content"] for r in answers] == ["echo: hi"] * 2
+    assert [r.headers["x-cache"] for r in answers] == ["MISS", "MISS"]
+    assert len(upstream.requests) == 2

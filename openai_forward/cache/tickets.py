@@ -106,6 +106,8 @@ class Miss(Ticket):
         for name, value in headers:
             if name == b"content-type":
                 self._sse = value.startswith(b"text/event-stream")
+            elif name == b"content-encoding" and value.lower() != b"identity":
+                self._collect = False  # relayed compressed as it came; replays are plain
 
     def feed(self, chunk: bytes) -> None:
         if self._collect:
