@@ -31,8 +31,11 @@ CACHED = {"caching": True}
 
 
 @pytest.fixture
-def cached(proxy_factory, upstream, cache_env):
-    """Start a proxy with the chat and embedding caches on the chosen backend."""
+def cached(cache_env, proxy_factory, upstream):
+    """Start a proxy with the chat and embedding caches on the chosen backend.
+
+    ``cache_env`` comes first so that its Redis prefix is cleaned up after the proxy stopped
+    (and flushed its last writes)."""
     fake_openai.install(upstream)
 
     def start(**env):
