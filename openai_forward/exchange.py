@@ -42,6 +42,7 @@ class Call:
     user: str | None  # hashed forward key, if the client sent one
     uid: str = ""  # set by the chat log
     extra: dict[str, Any] = field(default_factory=dict)
+    query: bytes = b""  # the raw query string (part of the cache key)
 
     @property
     def stream(self) -> bool:

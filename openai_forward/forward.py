@@ -139,6 +139,7 @@ class Forwarder:
 
         observers: list[Observer] = []
         ticket: Ticket | None = None
+        extra = cors  # headers added to the relayed response
         if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
             call = self._call(scope, rest, route, body, creds.user)
             if call is not None:
@@ -151,6 +152,7 @@ class Forwarder:
                         return
                     if ticket is not None:
                         observers.append(ticket)
+                        extra = [*cors, *ticket.headers]
                 body = call.body
 
         url = self.upstream.url(rest, scope["query_string"])
@@ -164,13 +166,13 @@ class Forwarder:
                 send,
                 self.upstream,
                 response,
-                cors,
+                extra,
                 interval=self._pacing.get(route),
                 observers=observers,
             )
         except ProxyError as exc:
             if not started:
-                await send_error(send, exc.status, exc.message, cors)
+                await send_error(send, exc.status, exc.message, extra)
         except UpstreamBroken as exc:
             # Returning without finishing the body makes the server close the connection: the
             # client sees a cut response, never a made-up ending.
@@ -204,7 +206,8 @@ class Forwarder:
             return None
         if not isinstance(payload, dict):
             return None
-        return Call(self.target, kind, route, payload, body, _client(scope), user)
+        query = scope["query_string"]
+        return Call(self.target, kind, route, payload, body, _client(scope), user, query=query)
 
 
 def _client(scope: Scope) -> str:

@@ -1,0 +1,199 @@
+"""Stored answers (pure): built from a whole upstream body, rendered as JSON or as SSE.
+
+An entry holds one JSON document whatever form filled it: the upstream's own bytes for a JSON
+answer, or a ``chat.completion`` assembled from the deltas of a stream. A non-stream hit sends it
+as it is; a stream hit renders it as chunks (role, content, tool calls, finish, ``[DONE]``) that
+an SDK reassembles into the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from openai_forward.sse import EventSplitter, event_data
+
+_HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+# Message fields rendered as deltas of their own, in this order, before any other field.
+_ORDERED = ("content", "refusal")
+_SPECIAL = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
+
+
+def _document(body: bytes, list_field: str) -> bool:
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        isinstance(answer, dict)
+        and "error" not in answer
+        and isinstance(answer.get(list_field), list)
+    )
+
+
+def chat_from_json(body: bytes) -> bytes | None:
+    """``body`` itself if it is a whole chat completion (never an error document)."""
+    return body if _document(body, "choices") else None
+
+
+def embedding_from_json(body: bytes) -> bytes | None:
+    return body if _document(body, "data") else None
+
+
+def chat_from_sse(body: bytes) -> bytes | None:
+    """A ``chat.completion`` assembled from a whole stream, or None unless the stream reached
+    ``data: [DONE]`` with no error event on the way."""
+    head: dict[str, Any] = {}
+    choices: dict[int, _Choice] = {}
+    usage = None
+    done = False
+    for event in EventSplitter().feed(body):
+        data = event_data(event)
+        if data is None:
+            continue
+        if data.strip() == b"[DONE]":
+            done = True
+            break
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(chunk, dict) or chunk.get("error") is not None:
+            return None
+        for name in _HEAD_FIELDS:
+            if name not in head and chunk.get(name) is not None:
+                head[name] = chunk[name]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for part in chunk.get("choices") or ():
+            index = part.get("index", 0)
+            choice = choices.get(index)
+            if choice is None:
+                choice = choices[index] = _Choice()
+            choice.add(part)
+    if not done or not choices:
+        return None
+    answer: dict[str, Any] = {
+        "id": head.get("id", ""),
+        "object": "chat.completion",
+        "created": head.get("created", 0),
+        "model": head.get("model", ""),
+        "choices": [choices[i].finish(i) for i in sorted(choices)],
+    }
+    for name in ("system_fingerprint", "service_tier"):
+        if name in head:
+            answer[name] = head[name]
+    if usage is not None:
+        answer["usage"] = usage
+    return orjson.dumps(answer)
+
+
+class _Choice:
+    """One choice's deltas, accumulated."""
+
+    __slots__ = ("finish_reason", "logprobs", "message", "tools")
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] = {}
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.finish_reason: Any = None
+        self.logprobs: dict[str, Any] | None = None
+
+    def add(self, part: dict[str, Any]) -> None:
+        for name, value in (part.get("delta") or {}).items():
+            if name == "tool_calls":
+                for call in value or ():
+                    self._tool_call(call)
+            elif name == "function_call" and isinstance(value, dict):
+                _merge_call(self.message.setdefault("function_call", {}), value)
+            elif name == "role":
+                if value:  # some servers repeat the role in every chunk
+                    self.message["role"] = value
+            elif isinstance(value, str) and isinstance(self.message.get(name), str):
+                self.message[name] += value
+            elif value is not None or name not in self.message:
+                self.message[name] = value
+        if part.get("finish_reason") is not None:
+            self.finish_reason = part["finish_reason"]
+        logprobs = part.get("logprobs")
+        if isinstance(logprobs, dict):
+            if self.logprobs is None:
+                self.logprobs = {}
+            for name, items in logprobs.items():
+                if isinstance(items, list):
+                    self.logprobs[name] = (self.logprobs.get(name) or []) + items
+                else:
+                    self.logprobs.setdefault(name, items)
+
+    def _tool_call(self, delta: dict[str, Any]) -> None:
+        call = self.tools.setdefault(delta.get("index", len(self.tools)), {})
+        for name in ("id", "type"):
+            if delta.get(name):
+                call[name] = delta[name]
+        if isinstance(delta.get("function"), dict):
+            _merge_call(call.setdefault("function", {}), delta["function"])
+
+    def finish(self, index: int) -> dict[str, Any]:
+        message = {"role": self.message.get("role") or "assistant", "content": None}
+        message.update((k, v) for k, v in self.message.items() if k != "role")
+        if self.tools:
+            message["tool_calls"] = [self.tools[i] for i in sorted(self.tools)]
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def _merge_call(call: dict[str, Any], delta: dict[str, Any]) -> None:
+    """A function name comes whole (some servers repeat it); arguments come in pieces."""
+    if delta.get("name"):
+        call["name"] = delta["name"]
+    if delta.get("arguments"):
+        call["arguments"] = call.get("arguments", "") + delta["arguments"]
+    else:
+        call.setdefault("arguments", "")
+
+
+def chat_to_sse(body: bytes, include_usage: bool = False) -> bytes:
+    """A well-formed stream for a stored chat completion, ending in ``data: [DONE]``."""
+    answer = orjson.loads(body)
+    head = {
+        "id": answer.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": answer.get("created", 0),
+        "model": answer.get("model", ""),
+    }
+    for name in ("system_fingerprint", "service_tier"):
+        if name in answer:
+            head[name] = answer[name]
+    out = []
+
+    def emit(index: int, delta: dict[str, Any], finish: Any = None, logprobs: Any = None) -> None:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        out.append(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+
+    for position, choice in enumerate(answer.get("choices") or ()):
+        index = choice.get("index", position)
+        message = choice.get("message") or {}
+        content = message.get("content")
+        role = message.get("role") or "assistant"
+        emit(index, {"role": role, "content": "" if isinstance(content, str) else content})
+        for name in _ORDERED:
+            if message.get(name):
+                emit(index, {name: message[name]})
+        for name, value in message.items():
+            if name not in _SPECIAL and value not in (None, "", [], {}):
+                emit(index, {name: value})
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            emit(index, {"tool_calls": [{"index": number, **call}]})
+        if message.get("function_call"):
+            emit(index, {"function_call": message["function_call"]})
+        emit(index, {}, choice.get("finish_reason") or "stop", choice.get("logprobs"))
+    if include_usage and answer.get("usage"):
+        out.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": answer["usage"]}))
+        out.append(b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
