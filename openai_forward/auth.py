@@ -59,6 +59,10 @@ class Credentials:
     user: str | None  # hashed forward key, for limits and logs; None: identify by address
 
 
+_OPEN = Credentials(None, True, None)
+_ANONYMOUS = Credentials(None, False, None)
+
+
 class KeyResolver:
     def __init__(self, api_keys: Sequence[Secret], forward_keys: Sequence[Secret]) -> None:
         self.pool = KeyPool(api_keys)
@@ -69,11 +73,13 @@ class KeyResolver:
 
     def resolve(self, authorization: str | None) -> Credentials:
         if self._open:
-            return Credentials(None, True, None)
+            return _OPEN
         if authorization is None:
-            return Credentials(None, False, None)
+            return _ANONYMOUS
+        if not self._forward:
+            return Credentials(authorization, False, None)
         token = bearer_token(authorization)
-        if token is not None and self._forward:
+        if token is not None:
             digest = hashlib.sha256(token.encode()).digest()
             if digest in self._forward:
                 return Credentials(None, len(self.pool) > 0, digest.hex()[:24])

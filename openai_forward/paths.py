@@ -33,6 +33,8 @@ def is_safe_rest(rest: bytes) -> bool:
         return True
     if rest[0] != 0x2F:
         return False
+    if b"%" not in rest and b"/." not in rest and b"//" not in rest and b"\\" not in rest:
+        return True  # the common case; the server already refused raw control characters
     decoded = unquote_to_bytes(rest) if b"%" in rest else rest
     if any(bad in decoded for bad in _FORBIDDEN):
         return False
