@@ -26,7 +26,7 @@ from openai_forward.paths import is_safe_rest
 from openai_forward.ratelimit import RequestLimiter
 from openai_forward.relay import relay
 from openai_forward.settings import Settings, Target
-from openai_forward.types import Receive, Scope, Send
+from openai_forward.types import Message, Receive, Scope, Send
 from openai_forward.upstream import Upstream, UpstreamBroken
 
 logger = logging.getLogger("openai_forward")
@@ -34,9 +34,14 @@ logger = logging.getLogger("openai_forward")
 
 class DisconnectGuard:
     """Cancels the request's task the moment the client hangs up, so the upstream request is
-    aborted at once (uvicorn's ``send`` is silent after a disconnect)."""
+    aborted at once (uvicorn's ``send`` is silent after a disconnect).
 
-    __slots__ = ("_stopped", "_task", "_watcher", "gone")
+    The watcher is never cancelled: once the response is complete the server answers its
+    ``receive()`` with ``http.disconnect`` by itself, and ``stop()`` has made that a no-op by
+    then. This spares every request a cancellation.
+    """
+
+    __slots__ = ("_stopped", "_task", "gone")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
@@ -44,22 +49,20 @@ class DisconnectGuard:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.ensure_future(self._watch(receive))
-        self._watcher.add_done_callback(self._on_done)
+        watcher: asyncio.Task[Message] = asyncio.get_running_loop().create_task(
+            receive()  # type: ignore[arg-type]
+        )
+        watcher.add_done_callback(self._on_message)
 
-    @staticmethod
-    async def _watch(receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    def _on_done(self, watcher: asyncio.Future[None]) -> None:
-        if not self._stopped and not watcher.cancelled():
+    def _on_message(self, watcher: asyncio.Task[Message]) -> None:
+        if self._stopped or watcher.cancelled() or watcher.exception() is not None:
+            return
+        if watcher.result()["type"] == "http.disconnect":
             self.gone = True
             self._task.cancel()
 
     def stop(self) -> None:
         self._stopped = True
-        self._watcher.cancel()
 
 
 @dataclass(frozen=True)
