@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from openai_forward.cache import build_cache
 from openai_forward.chatlog import build_chatlog
+from openai_forward.clientaddr import ClientAddress
 from openai_forward.errors import error_body, send_error
 from openai_forward.exchange import Resource
 from openai_forward.forward import Features, Forwarder
@@ -36,7 +37,13 @@ logger = logging.getLogger("openai_forward")
 class Gateway:
     """The outermost ASGI app: address filter, longest-prefix dispatch, FastAPI for the rest."""
 
-    def __init__(self, settings: Settings, forwarders: list[Forwarder], fallback: ASGIApp) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        forwarders: list[Forwarder],
+        fallback: ASGIApp,
+        client_address: ClientAddress,
+    ) -> None:
         self.settings = settings
         self.forwarders = forwarders
         self._routes = sorted(
@@ -45,6 +52,7 @@ class Gateway:
         self._fallback = fallback
         self._allow = settings.ip_whitelist
         self._deny = settings.ip_blacklist
+        self._client = client_address
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,9 +73,8 @@ class Gateway:
         await self._fallback(scope, receive, send)
 
     def _address_allowed(self, scope: Scope) -> bool:
-        client = scope.get("client")
         try:
-            address = ipaddress.ip_address(client[0]) if client else None
+            address = ipaddress.ip_address(self._client(scope))
         except ValueError:
             address = None
         if address is None:
@@ -83,6 +90,7 @@ def create_app(settings: Settings) -> Gateway:
         cache=build_cache(settings),
         chatlog=build_chatlog(settings),
         pacing=pacing_intervals(settings),
+        client_address=ClientAddress(settings.forwarded_allow_ips),
     )
     forwarders = [Forwarder(target, settings, features) for target in settings.targets]
     resources: list[Resource] = [
@@ -117,7 +125,7 @@ def create_app(settings: Settings) -> Gateway:
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    return Gateway(settings, forwarders, site)
+    return Gateway(settings, forwarders, site, features.client_address)
 
 
 def app_from_env() -> Gateway:

@@ -18,6 +18,7 @@ from openai_forward.auth import KeyResolver
 from openai_forward.body import BodyTooLarge, ClientGone, read_body
 from openai_forward.cache import ResponseCache, Ticket
 from openai_forward.chatlog import ChatLog
+from openai_forward.clientaddr import ClientAddress
 from openai_forward.cors import Cors
 from openai_forward.errors import ProxyError, send_error
 from openai_forward.exchange import Call, Observer, call_kind
@@ -73,6 +74,7 @@ class Features:
     cache: ResponseCache | None = None
     chatlog: ChatLog | None = None
     pacing: Mapping[str, float] = field(default_factory=dict)  # route -> seconds between events
+    client_address: ClientAddress = field(default_factory=lambda: ClientAddress(("127.0.0.1",)))
 
 
 class Forwarder:
@@ -96,6 +98,7 @@ class Forwarder:
         self._cors = Cors(settings.cors_allow_origins)
         self._max_body = settings.max_body_size
         self._limiter = features.limiter
+        self._client = features.client_address
         self._pacing = dict(features.pacing)
         self._prefix = "" if target.prefix == "/" else target.prefix
         # Chat logs and the cache look into bodies of openai-type targets only.
@@ -127,7 +130,7 @@ class Forwarder:
         route = self._prefix + rest.decode("latin-1") if rest else self.target.prefix
 
         if self._limiter is not None:
-            refusal = await self._limiter.check(creds.user or _client(scope), route)
+            refusal = await self._limiter.check(creds.user or self._client(scope), route)
             if refusal is not None:
                 await send_error(send, refusal.status, refusal.message, [*refusal.headers, *cors])
                 return
@@ -210,9 +213,4 @@ class Forwarder:
         if not isinstance(payload, dict):
             return None
         query = scope["query_string"]
-        return Call(self.target, kind, route, payload, body, _client(scope), user, query=query)
-
-
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    return client[0] if client else "unknown"
+        return Call(self.target, kind, route, payload, body, self._client(scope), user, query=query)

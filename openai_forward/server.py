@@ -30,8 +30,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
-        "proxy_headers": True,
-        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        # X-Forwarded-For is read by ClientAddress, only when the client address is needed.
+        "proxy_headers": False,
         "timeout_graceful_shutdown": 5,
     }
 

@@ -108,7 +108,7 @@ class Settings:
     cache_ttl: float | None = None
     ip_whitelist: tuple[IPNetwork, ...] = ()
     ip_blacklist: tuple[IPNetwork, ...] = ()
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
     cors_allow_origins: tuple[str, ...] = ("*",)
     tz: str | None = None
 
@@ -286,6 +286,19 @@ def _networks(reader: _Reader, name: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _trusted_proxies(reader: _Reader) -> tuple[str, ...]:
+    items = tuple(reader.items("FORWARDED_ALLOW_IPS") or ["127.0.0.1"])
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    "FORWARDED_ALLOW_IPS", item, "IP addresses or CIDR networks, or *"
+                ) from None
+    return items
+
+
 def _parse(reader: _Reader) -> Settings:
     targets = _targets(
         reader, "OPENAI_BASE_URL", "OPENAI_ROUTE_PREFIX", "openai", "https://api.openai.com"
@@ -365,7 +378,7 @@ def _parse(reader: _Reader) -> Settings:
         cache_ttl=cache_ttl,
         ip_whitelist=_networks(reader, "IP_WHITELIST"),
         ip_blacklist=_networks(reader, "IP_BLACKLIST"),
-        forwarded_allow_ips=reader.text("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        forwarded_allow_ips=_trusted_proxies(reader),
         cors_allow_origins=tuple(reader.items("CORS_ALLOW_ORIGINS") or ["*"]),
         tz=tz,
     )

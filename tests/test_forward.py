@@ -529,3 +529,28 @@ async def test_large_upload_is_streamed_not_held(proxy: ProxyServer, upstream):
     assert orjson.loads(response.partition(b"\r\n\r\n")[2].split(b"\r\n")[-1]) == {
         "received": total
     }
+
+
+async def test_ip_blacklist_and_whitelist(proxy_factory, upstream):
+    refused = proxy_factory(
+        OPENAI_BASE_URL=upstream.url, IP_BLACKLIST="127.0.0.0/8", IP_WHITELIST="127.0.0.1"
+    )
+    allowed = proxy_factory(OPENAI_BASE_URL=upstream.url, IP_WHITELIST="10.0.0.0/8,127.0.0.1")
+    outsider = proxy_factory(OPENAI_BASE_URL=upstream.url, IP_WHITELIST="10.0.0.0/8")
+    behind_proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url, IP_BLACKLIST="203.0.113.0/24", FORWARDED_ALLOW_IPS="127.0.0.1"
+    )
+    async with httpx.AsyncClient() as client:
+        r1 = await client.get(refused.url + "/v1/models")
+        r2 = await client.get(allowed.url + "/v1/models")
+        r3 = await client.get(outsider.url + "/v1/models")
+        r4 = await client.get(
+            behind_proxy.url + "/v1/models", headers={"X-Forwarded-For": "203.0.113.5"}
+        )
+        health = await client.get(outsider.url + "/healthz")
+    assert r1.status_code == 403 and r1.json()["error"]["type"] == "permission_error"
+    assert r2.status_code == 200
+    assert r3.status_code == 403
+    assert r4.status_code == 403
+    assert health.status_code == 200
+    assert len(upstream.requests) == 1

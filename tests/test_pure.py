@@ -87,3 +87,26 @@ def test_splitter_keeps_unterminated_tail():
 )
 def test_event_data(event, data):
     assert event_data(event) == data
+
+
+def _scope(peer: str, forwarded: str | None = None) -> dict:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return {"client": (peer, 5000), "headers": headers}
+
+
+@pytest.mark.parametrize(
+    "trusted, peer, forwarded, expected",
+    [
+        (("127.0.0.1",), "127.0.0.1", None, "127.0.0.1"),
+        (("127.0.0.1",), "127.0.0.1", "203.0.113.7", "203.0.113.7"),
+        (("127.0.0.1",), "10.0.0.9", "203.0.113.7", "10.0.0.9"),  # untrusted peer: ignored
+        (("127.0.0.1", "10.0.0.0/8"), "127.0.0.1", "203.0.113.7, 10.1.1.1", "203.0.113.7"),
+        (("127.0.0.1",), "127.0.0.1", "198.51.100.1, 203.0.113.7", "203.0.113.7"),  # spoof kept out
+        (("*",), "192.0.2.1", "203.0.113.7", "203.0.113.7"),
+        (("127.0.0.1",), "127.0.0.1", "127.0.0.1", "127.0.0.1"),
+    ],
+)
+def test_client_address(trusted, peer, forwarded, expected):
+    from openai_forward.clientaddr import ClientAddress
+
+    assert ClientAddress(trusted)(_scope(peer, forwarded)) == expected

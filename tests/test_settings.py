@@ -17,7 +17,7 @@ def test_defaults():
     assert s.timeout == 10 and s.read_timeout == 600 and s.max_retries == 3
     assert s.rate_limit_strategy == "fixed-window" and s.req_rate_limit_backend == "memory://"
     assert s.cache_backend == "MEMORY" and not s.cache_enabled and not s.log_chat
-    assert s.cors_allow_origins == ("*",) and s.forwarded_allow_ips == "127.0.0.1"
+    assert s.cors_allow_origins == ("*",) and s.forwarded_allow_ips == ("127.0.0.1",)
 
 
 def test_targets_lists_and_prefixes():

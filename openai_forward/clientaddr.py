@@ -1,0 +1,51 @@
+"""Who the client is: the peer address, or the one a trusted proxy reports in X-Forwarded-For.
+
+Worked out only when a feature asks (limits per address, IP lists, chat logs), instead of a
+middleware rewriting every request's scope.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from openai_forward.types import Scope
+
+_CACHE_KEY = "openai_forward.client"
+
+
+class ClientAddress:
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self._any = "*" in trusted
+        self._networks = tuple(ipaddress.ip_network(t, strict=False) for t in trusted if t != "*")
+
+    def is_trusted(self, host: str) -> bool:
+        if self._any:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def __call__(self, scope: Scope) -> str:
+        cached: str | None = scope.get(_CACHE_KEY)
+        if cached is None:
+            cached = scope[_CACHE_KEY] = self._resolve(scope)
+        return cached
+
+    def _resolve(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if not self.is_trusted(peer):
+            return peer
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
+                # Each trusted proxy appends the address it saw: walk back from the nearest one
+                # and stop at the first address that is not a trusted proxy.
+                for hop in reversed(hops):
+                    if not self.is_trusted(hop):
+                        return hop
+                return hops[0] if hops else peer
+        return peer
