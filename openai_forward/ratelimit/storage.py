@@ -1,27 +1,32 @@
-"""Where the counters live: ``limits``' async storage (memory or Redis) and a strategy on it.
+"""Where the counters live (in-process or Redis, behind ``limits``' async storage interface)
+and the strategy on them.
 
-``redis`` is imported only when a ``redis://`` backend is configured.
+Redis is reached through our own pipelined client (:mod:`openai_forward.resp`).
 """
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from limits import RateLimitItem
-from limits.aio.storage import RedisStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import STRATEGIES as LIMITS_STRATEGIES
 from limits.aio.strategies import FixedWindowRateLimiter, RateLimiter
 
 from openai_forward.ratelimit.memory import MemoryCounters
+from openai_forward.ratelimit.redis_counters import RedisCounters
+from openai_forward.resp import RedisClient, RedisError, Script
+from openai_forward.resp_wire import Parser, RedisReplyError, encode, handshake
+from openai_forward.resp_wire import parse_url as parse_redis_url
 from openai_forward.settings import ConfigError, Settings
 
 # A Redis call that takes longer than this counts as a failure (fail open or closed) instead of
 # holding the request: a dead Redis host must not hang the proxy.
 REDIS_TIMEOUT = 1.0
-REDIS_POOL_SIZE = 64  # per process; requests beyond it wait up to REDIS_TIMEOUT for a connection
 
 # INCRBY and push the expiry back on every hit, refused ones included, in one atomic step.
 _ELASTIC_INCR = """
@@ -42,14 +47,12 @@ class FixedWindowElasticExpiry(FixedWindowRateLimiter):
     def __init__(self, storage: Storage) -> None:
         super().__init__(storage)
         self._incr: Callable[[str, int, int], Awaitable[int]]
-        if isinstance(storage, RedisStorage):
-            # implementation="redispy": the bridge hands out a redis.asyncio client
-            client = storage.bridge.get_connection()  # type: ignore[attr-defined]
-            script = client.register_script(_ELASTIC_INCR)
-            prefixed = storage.bridge.prefixed_key
+        if isinstance(storage, RedisCounters):
+            script = Script(storage.client, _ELASTIC_INCR)
+            prefixed = storage.prefixed_key
 
             async def incr(key: str, expiry: int, amount: int) -> int:
-                return int(await script([prefixed(key)], [expiry, amount]))
+                return int(await script([prefixed(key)], [expiry, amount]))  # type: ignore[arg-type]
 
         elif isinstance(storage, MemoryCounters):
 
@@ -85,7 +88,7 @@ def is_redis(url: str) -> bool:
 def open_backend(settings: Settings) -> Backend:
     """The storage named by ``REQ_RATE_LIMIT_BACKEND`` with the configured strategy on it.
 
-    Nothing is connected yet: Redis connections open on first use, from a bounded pool.
+    Nothing is connected yet: the Redis connection opens on first use.
     """
     url = settings.req_rate_limit_backend
     storage: Storage
@@ -97,32 +100,15 @@ def open_backend(settings: Settings) -> Backend:
 
         errors: tuple[type[BaseException], ...] = ()
     else:
-        import redis.asyncio
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError, RedisError
-
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=REDIS_POOL_SIZE,
-            timeout=REDIS_TIMEOUT,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            # One quick reconnect for a connection that went stale (Redis restarted); never a
-            # retry after a timeout, which could count a hit twice.
-            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
-        )
-        options: dict[str, Any] = {"connection_pool": pool}
-        storage = RedisStorage(
-            "async+redis://",  # the pool carries the real URL (redis://, rediss://, unix://)
-            implementation="redispy",
-            # The strategy is part of the prefix: strategies keep different Redis types under
-            # the same key, and a changed RATE_LIMIT_STRATEGY must not meet WRONGTYPE errors.
-            key_prefix=f"{settings.redis_key_prefix}:limits:{settings.rate_limit_strategy}",
-            **options,
-        )
-        close = pool.aclose
-        errors = (RedisError, OSError, TimeoutError)
+        # One pipelined connection per process; a call unanswered in REDIS_TIMEOUT fails (and
+        # is never retried: it may have counted).
+        client = RedisClient(url, timeout=REDIS_TIMEOUT, connect_timeout=REDIS_TIMEOUT)
+        # The strategy is part of the prefix: strategies keep different Redis types under
+        # the same key, and a changed RATE_LIMIT_STRATEGY must not meet WRONGTYPE errors.
+        prefix = f"{settings.redis_key_prefix}:limits:{settings.rate_limit_strategy}"
+        storage = RedisCounters(client, prefix)
+        close = client.close
+        errors = (RedisError,)
     return Backend(STRATEGIES[settings.rate_limit_strategy](storage), errors, close)
 
 
@@ -136,34 +122,41 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def ping_redis(url: str) -> None:
-    """Raise ``ConfigError`` naming ``REQ_RATE_LIMIT_BACKEND`` unless Redis answers PING.
+def ping_redis(url: str, timeout: float = 2.0) -> None:
+    """Raise ``ConfigError`` naming ``REQ_RATE_LIMIT_BACKEND`` unless Redis answers PING
+    (after AUTH and SELECT from the URL).
 
-    Runs once in the CLI before any worker starts, so a blocking client is right here.
+    Runs once in the CLI before any worker starts, so a blocking socket is right here.
     """
     variable, shown = "REQ_RATE_LIMIT_BACKEND", redacted(url)
     try:
-        import redis
-    except ImportError:
-        raise ConfigError(
-            variable, shown, "the redis package: pip install 'openai-forward[redis]'"
-        ) from None
-    try:
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        client = redis.Redis.from_url(
-            url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
-        )
+        address = parse_redis_url(url)
     except ValueError:
         raise ConfigError(variable, shown, "a URL like redis://host:6379/0") from None
+    commands = [*handshake(address), encode(("PING",))]
     try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
+        if address.path is not None:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            sock.connect(address.path)
+        else:
+            sock = socket.create_connection((address.host, address.port), timeout=timeout)
+            if address.tls:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address.host)
+        with sock:
+            sock.sendall(b"".join(commands))
+            parser, replies = Parser(), []
+            while len(replies) < len(commands):
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                replies += parser.feed(data)
+        for reply in replies:
+            if isinstance(reply, RedisReplyError):
+                raise reply
+    except (RedisError, OSError) as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()
-        password = urlsplit(url).password
+        password = address.password
         if password:
             reason = reason.replace(password, "***")
         raise ConfigError(variable, shown, f"a reachable Redis ({reason})") from None
-    finally:
-        client.close()
