@@ -40,7 +40,6 @@ def _free_port() -> int:
         ("LMDB", "lmdb", "lmdb"),
         ("LEVELDB", "plyvel", "leveldb"),
         ("ROCKSDB", "rocksdict", "rocksdb"),
-        ("REDIS", "redis", "redis"),
     ],
 )
 def test_missing_driver_is_a_one_line_start_up_error(tmp_path: Path, backend, driver, extra):

@@ -1,15 +1,16 @@
-"""REDIS: one cache shared by every worker and instance (``redis.asyncio``, no thread).
+"""REDIS: one cache shared by every worker and instance, over our own pipelined client
+(:mod:`openai_forward.resp`, one connection per process).
 
 Keys are ``<REDIS_KEY_PREFIX>:cache:<hex digest>``; Redis drops expired entries itself
-(``SET ... PX``). Timeouts are short and a failed command is retried once at once (a pooled
-connection the server closed), never with backoff: a cache must not hold a request up.
+(``SET ... PX``). A command unanswered in 2 s fails (a miss for the caller); a lost connection
+is opened again on the next command: a cache must not hold a request up.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from openai_forward.resp import RedisClient
 
-MAX_CONNECTIONS = 64
+TIMEOUT = 2.0
 
 
 class RedisStore:
@@ -18,35 +19,29 @@ class RedisStore:
     def __init__(self, url: str, prefix: str) -> None:
         self._url = url
         self._prefix = f"{prefix}:cache:"
-        self._client: Any = None
+        self._client: RedisClient | None = None
 
     async def open(self) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # A bounded pool that waits (briefly) for a free connection instead of failing a burst.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=2,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._client = aioredis.Redis.from_pool(pool)
+        self._client = RedisClient(self._url, timeout=TIMEOUT, connect_timeout=TIMEOUT)
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+            client, self._client = self._client, None
+            await client.close()
+
+    def _live(self) -> RedisClient:
+        assert self._client is not None, "RedisStore used before open"
+        return self._client
 
     async def get(self, key: bytes) -> bytes | None:
-        return await self._client.get(self._prefix + key.hex())
+        return await self._live().execute(b"GET", self._prefix + key.hex())  # type: ignore[return-value]
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
-        expiry = max(1, int(ttl * 1000)) if ttl else None
-        await self._client.set(self._prefix + key.hex(), value, px=expiry)
+        name = self._prefix + key.hex()
+        if ttl:
+            await self._live().execute(b"SET", name, value, b"PX", max(1, int(ttl * 1000)))
+        else:
+            await self._live().execute(b"SET", name, value)
 
     async def delete(self, key: bytes) -> None:
-        await self._client.delete(self._prefix + key.hex())
+        await self._live().execute(b"DEL", self._prefix + key.hex())

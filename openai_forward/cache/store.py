@@ -57,7 +57,7 @@ BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
     "LMDB": ("openai_forward.cache.lmdb_store:LmdbStore", "lmdb", "lmdb"),
     "LEVELDB": ("openai_forward.cache.leveldb_store:LevelDbStore", "plyvel", "leveldb"),
     "ROCKSDB": ("openai_forward.cache.rocksdb_store:RocksDbStore", "rocksdict", "rocksdb"),
-    "REDIS": ("openai_forward.cache.redis_store:RedisStore", "redis", "redis"),
+    "REDIS": ("openai_forward.cache.redis_store:RedisStore", None, None),  # our own client
 }
 ON_DISK = frozenset({"LMDB", "LEVELDB", "ROCKSDB"})
 
