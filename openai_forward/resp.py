@@ -15,10 +15,12 @@ every request. This client does only what they need:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from openai_forward.resp_wire import (
     Address,
@@ -127,8 +129,9 @@ class RedisClient:
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
 
-    async def execute(self, *args: Arg) -> Reply:
-        """Send one command and return its reply."""
+    async def execute(self, *args: Arg) -> Any:
+        """Send one command and return its reply (a :data:`Reply`; typed ``Any`` because each
+        command's caller knows which shape its command answers with)."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
@@ -188,10 +191,8 @@ class RedisClient:
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
                 await self._connecting
-            except (asyncio.CancelledError, RedisError):
-                pass
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.fail(RedisUnavailable("the Redis client was closed"))
@@ -210,7 +211,7 @@ class Script:
         self._source = source.encode() if isinstance(source, str) else source
         self.sha = hashlib.sha1(self._source).hexdigest()
 
-    async def __call__(self, keys: Sequence[Arg], args: Sequence[Arg] = ()) -> Reply:
+    async def __call__(self, keys: Sequence[Arg], args: Sequence[Arg] = ()) -> Any:
         execute = self._client.execute
         try:
             return await execute(b"EVALSHA", self.sha, len(keys), *keys, *args)

@@ -51,7 +51,9 @@ def parse_url(url: str) -> Address:
     ``unix://[[user]:password@]/path?db=N``; ``?db=N`` works with every scheme."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss:// or unix://")
+        raise ValueError(
+            f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss:// or unix://"
+        )
     query = parse_qs(parts.query)
     db_text = query["db"][0] if "db" in query else ""
     username = unquote(parts.username) if parts.username else None
@@ -59,7 +61,9 @@ def parse_url(url: str) -> Address:
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// Redis URL needs a socket path")
-        return Address(path=unquote(parts.path), username=username, password=password, db=_db(db_text))
+        return Address(
+            path=unquote(parts.path), username=username, password=password, db=_db(db_text)
+        )
     path = parts.path.strip("/")
     try:
         port = parts.port or 6379

@@ -34,7 +34,7 @@ class RedisStore:
         return self._client
 
     async def get(self, key: bytes) -> bytes | None:
-        return await self._live().execute(b"GET", self._prefix + key.hex())  # type: ignore[return-value]
+        return await self._live().execute(b"GET", self._prefix + key.hex())
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
         name = self._prefix + key.hex()

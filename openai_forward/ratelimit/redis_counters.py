@@ -44,14 +44,14 @@ class RedisCounters(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
     # Fixed window
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        return int(await self._incr_expire([self.prefixed_key(key)], [expiry, amount]))  # type: ignore[arg-type]
+        return int(await self._incr_expire([self.prefixed_key(key)], [expiry, amount]))
 
     async def get(self, key: str) -> int:
-        return int(await self.client.execute(b"GET", self.prefixed_key(key)) or 0)  # type: ignore[arg-type]
+        return int(await self.client.execute(b"GET", self.prefixed_key(key)) or 0)
 
     async def get_expiry(self, key: str) -> float:
         ttl = await self.client.execute(b"TTL", self.prefixed_key(key))
-        return max(ttl, 0) + time.time()  # type: ignore[call-overload]
+        return max(ttl, 0) + time.time()
 
     async def clear(self, key: str) -> None:
         await self.client.execute(b"DEL", self.prefixed_key(key))
@@ -63,7 +63,7 @@ class RedisCounters(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
             return False
 
     async def reset(self) -> int | None:
-        return await self._clear_keys([self.prefixed_key("*")])  # type: ignore[return-value]
+        return await self._clear_keys([self.prefixed_key("*")])
 
     # Moving window
 
@@ -76,7 +76,7 @@ class RedisCounters(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         now = time.time()
         window = await self._moving_window([self.prefixed_key(key)], [now - expiry, limit])
         if window:
-            oldest, count = window  # type: ignore[misc]
+            oldest, count = window
             return float(oldest), count
         return now, 0
 
@@ -97,7 +97,7 @@ class RedisCounters(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         window = await self._sliding_window(self._window_keys(key), [expiry])
         if not window:
             return 0, 0.0, 0, 0.0
-        previous, previous_ttl, current, current_ttl = window  # type: ignore[misc]
+        previous, previous_ttl, current, current_ttl = window
         return (
             int(previous or 0),
             max(0, float(previous_ttl or 0)) / 1000,

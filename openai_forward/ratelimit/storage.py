@@ -20,7 +20,7 @@ from limits.aio.strategies import FixedWindowRateLimiter, RateLimiter
 from openai_forward.ratelimit.memory import MemoryCounters
 from openai_forward.ratelimit.redis_counters import RedisCounters
 from openai_forward.resp import RedisClient, RedisError, Script
-from openai_forward.resp_wire import Parser, RedisReplyError, encode, handshake
+from openai_forward.resp_wire import Parser, RedisReplyError, Reply, encode, handshake
 from openai_forward.resp_wire import parse_url as parse_redis_url
 from openai_forward.settings import ConfigError, Settings
 
@@ -52,7 +52,7 @@ class FixedWindowElasticExpiry(FixedWindowRateLimiter):
             prefixed = storage.prefixed_key
 
             async def incr(key: str, expiry: int, amount: int) -> int:
-                return int(await script([prefixed(key)], [expiry, amount]))  # type: ignore[arg-type]
+                return int(await script([prefixed(key)], [expiry, amount]))
 
         elif isinstance(storage, MemoryCounters):
 
@@ -145,7 +145,7 @@ def ping_redis(url: str, timeout: float = 2.0) -> None:
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address.host)
         with sock:
             sock.sendall(b"".join(commands))
-            parser, replies = Parser(), []
+            parser, replies = Parser(), list[Reply]()
             while len(replies) < len(commands):
                 data = sock.recv(65536)
                 if not data:
