@@ -166,7 +166,7 @@ class Target:
     """One column of the comparison: who is measured, and how it starts."""
 
     label: str
-    kind: str  # direct | ours | orig
+    kind: str  # direct | floor | ours | orig
     feature: Feature
     command: tuple[str, ...] = ()  # with {port} and {host} placeholders
     env: dict[str, str] = field(default_factory=dict)
@@ -728,6 +728,18 @@ def build_targets(args: argparse.Namespace, upstream: str) -> tuple[list[Target]
             f"python -m venv {args.orig_venv} && "
             f"{args.orig_venv}/bin/pip install openai-forward==0.8.1 pyyaml redis"
         )
+    if "floor" in wanted:
+        floor_cmd = (
+            sys.executable,
+            str(HERE / "floor_forwarder.py"),
+            "--port",
+            "{port}",
+            "--host",
+            "{host}",
+        )
+        targets.append(
+            Target("floor", "floor", FEATURES_BY_NAME["bare"], floor_cmd, ours_base_env(upstream))
+        )
     for feature in features:
         if feature.needs_redis and not redis_reachable():
             print(f"-- feature {feature.name}: no Redis on {REDIS_ADDRESS}: skipped")
@@ -761,7 +773,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds of warm-up load (default 1)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams (default 64)")
     parser.add_argument(
-        "--targets", default="direct,ours,orig", help="comma list of direct, ours, orig"
+        "--targets",
+        default="direct,floor,ours,orig",
+        help="comma list of direct, floor (a minimal forwarder on the same stack), ours, orig",
     )
     parser.add_argument(
         "--features",
