@@ -52,10 +52,11 @@ class Answer:
     malformed: bool = False
 
     def choice(self, index: Any) -> Choice:
-        key = index if isinstance(index, int) else 0
-        found = self.choices.get(key)
+        if not isinstance(index, int):
+            index = 0
+        found = self.choices.get(index)
         if found is None:
-            found = self.choices[key] = Choice()
+            found = self.choices[index] = Choice()
         return found
 
     def take_error(self, error: Any) -> None:
@@ -92,56 +93,97 @@ def _add_tool_call_delta(choice: Choice, position: int, delta: Any) -> None:
             call["function"]["arguments"] += arguments
 
 
-def _add_chunk(answer: Answer, kind: CallKind, chunk: dict[str, Any]) -> None:
-    """One streamed ``chat.completion.chunk`` / ``text_completion`` object."""
-    if isinstance(chunk.get("usage"), dict):
-        answer.usage = chunk["usage"]
-    if "error" in chunk:
-        answer.take_error(chunk["error"])
-    choices = chunk.get("choices")
-    for item in choices if isinstance(choices, list) else ():
+def _add_message(choice: Choice, message: dict[str, Any]) -> None:
+    """A streamed ``delta`` or a whole ``message``: they have the same fields."""
+    content = message.get("content")
+    if isinstance(content, str):
+        choice.parts.append(content)
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if isinstance(reasoning, str):
+        choice.reasoning.append(reasoning)
+    tool_calls = message.get("tool_calls")
+    if isinstance(tool_calls, list):
+        for position, tool_delta in enumerate(tool_calls):
+            _add_tool_call_delta(choice, position, tool_delta)
+    elif isinstance(message.get("function_call"), dict):  # the pre-tools API
+        _add_tool_call_delta(choice, 0, {"function": message["function_call"]})
+
+
+def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bool) -> None:
+    """One streamed chunk (``chat.completion.chunk``, ``text_completion``) or a whole answer."""
+    if "usage" in data and isinstance(data["usage"], dict):
+        answer.usage = data["usage"]
+    if "error" in data:
+        answer.take_error(data["error"])
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        return
+    field = "text" if kind == "completion" else "delta" if stream else "message"
+    for item in choices:
         if not isinstance(item, dict):
             continue
         choice = answer.choice(item.get("index"))
-        if item.get("finish_reason") is not None:
-            choice.finish_reason = item["finish_reason"]
-        if kind == "completion":
-            if isinstance(item.get("text"), str):
-                choice.parts.append(item["text"])
-            continue
-        delta = item.get("delta")
-        if not isinstance(delta, dict):
-            continue
-        if isinstance(delta.get("content"), str):
-            choice.parts.append(delta["content"])
-        reasoning = delta.get("reasoning_content", delta.get("reasoning"))
-        if isinstance(reasoning, str):
-            choice.reasoning.append(reasoning)
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            for position, tool_delta in enumerate(tool_calls):
-                _add_tool_call_delta(choice, position, tool_delta)
-        elif isinstance(delta.get("function_call"), dict):  # the pre-tools API
-            _add_tool_call_delta(choice, 0, {"function": delta["function_call"]})
+        finish = item.get("finish_reason")
+        if finish is not None:
+            choice.finish_reason = finish
+        value = item.get(field)
+        if value.__class__ is dict:
+            if len(value) == 1 and "content" in value:  # the usual delta: just text
+                content = value["content"]
+                if isinstance(content, str):
+                    choice.parts.append(content)
+            else:
+                _add_message(choice, value)
+        elif isinstance(value, str):  # a completion's text
+            choice.parts.append(value)
 
 
 def read_stream(events: Iterable[bytes], kind: CallKind) -> Answer:
-    """An answer assembled from SSE events (each a whole event; see :func:`split_events`)."""
+    """An answer assembled from SSE events (whole events; see :func:`split_events`)."""
     answer = Answer()
+    payloads = []
     for event in events:
-        data = event_data(event)
-        if data is None or data.strip() == b"[DONE]":
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            answer.malformed = True
-            continue
+        data = _data(event)
+        if data is not None and data and data != b"[DONE]":
+            payloads.append(data)
+    for chunk in _parse_each(payloads, answer):
         if isinstance(chunk, dict):
-            _add_chunk(answer, kind, chunk)
+            _add_object(answer, kind, chunk, stream=True)
         else:
             answer.malformed = True
     return answer
+
+
+def _parse_each(payloads: list[bytes], answer: Answer) -> list[Any]:
+    """Every payload parsed; the ones that are not JSON are skipped and flag the answer."""
+    if not payloads:
+        return []
+    try:
+        # One parse of them all as an array is several times cheaper than one call each.
+        parsed = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        if isinstance(parsed, list) and len(parsed) == len(payloads):
+            return parsed
+    except orjson.JSONDecodeError:
+        pass
+    parsed = []
+    for payload in payloads:
+        try:
+            parsed.append(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            answer.malformed = True
+    return parsed
+
+
+def _data(event: bytes) -> bytes | None:
+    """``event_data`` with a fast path for the usual one-line ``data: {...}`` event."""
+    if event.startswith(b"data: "):
+        end = event.find(b"\n")
+        if end < 0:
+            return event[6:].rstrip(b"\r")
+        if not event[end:].strip():
+            return event[6:end].rstrip(b"\r")
+    data = event_data(event)
+    return data.strip() if data is not None else None
 
 
 def split_events(head: bytes, tail: bytes = b"") -> list[bytes]:
@@ -156,11 +198,14 @@ def split_events(head: bytes, tail: bytes = b"") -> list[bytes]:
 
 
 def _events(data: bytes) -> list[bytes]:
+    """Whole events, and an unterminated last one (used if it parses)."""
+    if b"\r" not in data:  # the usual case, and a plain split is much faster than the regex
+        return [event for event in data.split(b"\n\n") if event.strip()]
     splitter = EventSplitter()
     events = splitter.feed(data)
     rest = splitter.flush()
     if rest.strip():
-        events.append(rest)  # an unterminated last event: used if it parses
+        events.append(rest)
     return events
 
 
@@ -170,37 +215,9 @@ def read_json(body: bytes, kind: CallKind) -> Answer:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        _add_object(answer, kind, data, stream=False)
+    else:
         answer.malformed = True
-        return answer
-    if not isinstance(data, dict):
-        answer.malformed = True
-        return answer
-    if isinstance(data.get("usage"), dict):
-        answer.usage = data["usage"]
-    if "error" in data:
-        answer.take_error(data["error"])
-    choices = data.get("choices")
-    for item in choices if isinstance(choices, list) else ():
-        if not isinstance(item, dict):
-            continue
-        choice = answer.choice(item.get("index"))
-        choice.finish_reason = item.get("finish_reason")
-        if kind == "completion":
-            if isinstance(item.get("text"), str):
-                choice.parts.append(item["text"])
-            continue
-        message = item.get("message")
-        if not isinstance(message, dict):
-            continue
-        if isinstance(message.get("content"), str):
-            choice.parts.append(message["content"])
-        reasoning = message.get("reasoning_content", message.get("reasoning"))
-        if isinstance(reasoning, str):
-            choice.reasoning.append(reasoning)
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                _add_tool_call_delta(choice, position, call)
-        elif isinstance(message.get("function_call"), dict):
-            _add_tool_call_delta(choice, 0, {"function": message["function_call"]})
     return answer

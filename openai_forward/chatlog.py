@@ -158,6 +158,7 @@ def check_startup(settings: Settings) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o750)
     except OSError as exc:
-        raise ConfigError("LOG_FOLDER", settings.log_folder, f"a folder ({exc.strerror})") from None
+        expected = f"a folder this user can create ({exc.strerror})"
+        raise ConfigError("LOG_FOLDER", settings.log_folder, expected) from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError("LOG_FOLDER", settings.log_folder, "a folder this user can write to")

@@ -40,6 +40,7 @@ BACKUPS = 20
 QUEUE_SIZE = 4096
 WRITE_BATCH = 1024 * 1024  # bytes of lines joined into one write
 WARN_EVERY = 60.0  # seconds between two warnings of the same kind
+LINGER = 0.02  # seconds a record may wait for others to be written with it
 _STOP = object()
 
 Render = Callable[[], dict[str, Any] | None]
@@ -140,8 +141,10 @@ class LogWriter:
         max_bytes: int = MAX_BYTES,
         backups: int = BACKUPS,
         queue_size: int = QUEUE_SIZE,
+        linger: float = LINGER,
     ) -> None:
         self.root = root
+        self._linger = linger
         self._secrets = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._max_bytes = max_bytes
         self._backups = max(1, backups)
@@ -203,9 +206,12 @@ class LogWriter:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            # Whatever else is waiting goes out with it: fewer writes under load.
+            if batch[0] is not _STOP:
+                # Let a burst gather: while this thread sleeps, a put costs the event loop no
+                # wake-up of this thread, and many records go out in one write.
+                time.sleep(self._linger)
             with contextlib.suppress(queue.Empty):
-                while len(batch) < 512:
+                while len(batch) < 4096:
                     batch.append(self._queue.get_nowait())
             stop = any(entry is _STOP for entry in batch)
             self._write(entry for entry in batch if entry is not _STOP)

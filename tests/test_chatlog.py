@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -376,3 +379,21 @@ async def test_records_are_written_by_shutdown(proxy_factory, upstream, log_root
     assert [r["assistant"] for _, r in pairs([orjson.loads(x) for x in lines])] == [
         f"echo: {i}" for i in range(20)
     ]
+
+
+def test_unwritable_log_folder_stops_start_up_with_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / ".env").write_text("LOG_CHAT=true\nLOG_FOLDER=file/Log\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LOG_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "openai_forward", "run", "--port", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "aifd: LOG_FOLDER='file/Log': expected a folder this user can create (Not a directory)"
+    )

@@ -292,3 +292,19 @@ async def test_an_answer_too_long_to_keep_is_marked_truncated(tmp_path: Path):
     response = orjson.loads(lines[1])
     assert response["usage"] == {"total_tokens": 2}
     assert response["complete"] is True and "truncated" not in response  # vectors never logged
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": [1], "delta": {"content": "x"}}]},
+        {"choices": [{"index": None, "delta": {"content": "x", "tool_calls": "no"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": {}, "function": "f"}, 3]}}]},
+        {"choices": [{"delta": {"content": "x", "function_call": [1]}}], "usage": [1]},
+        {"choices": [{"delta": ["x"]}, "junk", None]},
+        {"choices": {"0": "x"}, "error": ["weird"]},
+    ],
+)
+def test_odd_shapes_never_break_a_record(chunk: dict):
+    record = response_record("chat", "u", 200, SSE, sse(chunk), complete=True)
+    assert record["uid"] == "u" and isinstance(record["assistant"], str | list)
