@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class _AnswerObserver:
         self._kind = kind
         self._uid = uid
         self._status: int | None = None
-        self._headers: Headers = []
+        self._headers: Sequence[tuple[bytes, bytes]] = ()
         self._chunks: list[bytes] = []
         self._size = 0
         self._keep = KEEP_BYTES[kind]
@@ -103,7 +104,7 @@ class _AnswerObserver:
 
     def start(self, status: int, headers: Headers) -> None:
         self._status = status
-        self._headers = headers
+        self._headers = tuple(headers)  # read later, in the writer thread
 
     def feed(self, chunk: bytes) -> None:
         if self._size < self._keep:

@@ -214,7 +214,10 @@ class LogWriter:
                 while len(batch) < 4096:
                     batch.append(self._queue.get_nowait())
             stop = any(entry is _STOP for entry in batch)
-            self._write(entry for entry in batch if entry is not _STOP)
+            try:
+                self._write(entry for entry in batch if entry is not _STOP)
+            except Exception as exc:  # the thread must live on, or the queue would only fill
+                self._failure(f"write a batch ({type(exc).__name__})")
             if stop:
                 return
 
