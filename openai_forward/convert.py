@@ -53,14 +53,14 @@ def convert(
     console: Console | None = None,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
 ) -> list[Result]:
-    """Convert one prefix's logs (``log_folder``: ``Log/<name>`` or ``Log/<name>/chat``) or, by
-    default, those of every prefix under ``LOG_FOLDER``. Raises FileNotFoundError,
-    NotADirectoryError or ValueError with a message for the user."""
+    """Convert one prefix's logs (``log_folder``: ``Log/<name>`` or ``Log/<name>/chat``), or those
+    of every prefix under a log root (``log_folder``: ``Log``; by default ``LOG_FOLDER``).
+    Raises FileNotFoundError, NotADirectoryError or ValueError with a message for the user."""
     console = console or Console(stderr=True)
     sources = find_sources(log_folder, target_path)
     files = {source.name: log_files(source.folder) for source in sources}
-    if log_folder is not None and not files[sources[0].name]:
-        raise FileNotFoundError(f"--log_folder={log_folder!r}: no chat log files in it")
+    if len(sources) == 1 and not files[sources[0].name]:
+        raise FileNotFoundError(f"no chat log files in {str(sources[0].folder)!r}")
     total = sum(f.stat().st_size for paths in files.values() for f in paths)
     results = []
     with _Progress(console, total if total >= progress_min_bytes else 0) as progress:
@@ -81,23 +81,31 @@ def convert(
 
 
 def find_sources(log_folder: str | None, target_path: str | None) -> list[Source]:
-    if log_folder is not None:
-        folder = Path(log_folder)
-        if not folder.exists():
-            raise FileNotFoundError(f"--log_folder={log_folder!r}: no such folder")
-        if not folder.is_dir():
-            raise NotADirectoryError(f"--log_folder={log_folder!r}: not a folder")
+    if log_folder is None:
+        from openai_forward.settings import Settings
+
+        root = Path(Settings.from_env().log_folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no log folder {str(root)!r} here (LOG_CHAT=true writes it)")
+        return _every_prefix(root, target_path)
+    folder = Path(log_folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"--log_folder={log_folder!r}: no such folder")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--log_folder={log_folder!r}: not a folder")
+    if (folder / "chat").is_dir():  # Log/<name>
         chat = folder / "chat"
-        if not chat.is_dir():  # given the chat folder itself
-            chat, folder = folder, folder.parent if folder.name == "chat" else folder
-        target = Path(target_path) if target_path else folder.parent / f"chat_{folder.name}.json"
-        return [Source(folder.name, chat, target)]
+    elif folder.name == "chat":  # Log/<name>/chat
+        chat, folder = folder, folder.parent
+    elif any((d / "chat").is_dir() for d in folder.iterdir()):  # the root: Log
+        return _every_prefix(folder, target_path)
+    else:  # a folder of log files
+        chat = folder
+    target = Path(target_path) if target_path else folder.parent / f"chat_{folder.name}.json"
+    return [Source(folder.name, chat, target)]
 
-    from openai_forward.settings import Settings
 
-    root = Path(Settings.from_env().log_folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no log folder {str(root)!r} here (LOG_CHAT=true writes it)")
+def _every_prefix(root: Path, target_path: str | None) -> list[Source]:
     names = sorted(d.name for d in root.iterdir() if (d / "chat").is_dir())
     if not names:
         raise FileNotFoundError(f"no chat logs under {str(root)!r} (expected {root}/<name>/chat)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -53,15 +55,20 @@ def test_a_line_longer_than_the_limit_gets_a_file_of_its_own(tmp_path: Path):
 
 
 WRITER_PROCESS = """
-import sys
+import sys, time
 from pathlib import Path
 from openai_forward.logwriter import LogWriter
 
-name, count = sys.argv[1], int(sys.argv[2])
-writer = LogWriter(Path(sys.argv[3]), max_bytes=20000, backups=500, queue_size=count + 1)
+name, count, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+writer = LogWriter(root, max_bytes=20000, backups=500, queue_size=count + 1, linger=0.002)
 writer.start()
+deadline = time.monotonic() + 20
+while not (root / "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
 for i in range(count):
     writer.submit("w/chat/chat.log", lambda i=i: {"w": name, "i": i, "pad": "y" * (i % 50)})
+    if i % 30 == 0:
+        time.sleep(0.002)  # spread over a while, so that the processes' writes overlap
 writer.stop()
 """
 
@@ -74,6 +81,8 @@ def test_several_processes_append_and_rotate_one_file(tmp_path: Path):
         )
         for name in ("a", "b", "c")
     ]
+    time.sleep(0.5)  # all three importing, then waiting for the same start
+    (tmp_path / "go").write_text("")
     for process in processes:
         assert process.wait(timeout=60) == 0
     folder = tmp_path / "w" / "chat"
@@ -82,6 +91,9 @@ def test_several_processes_append_and_rotate_one_file(tmp_path: Path):
     for name in ("a", "b", "c"):
         mine = [r["i"] for r in records if r["w"] == name]
         assert sorted(mine) == list(range(3000)), name  # nothing lost
+    # The processes did write at the same time: their lines alternate in the files.
+    switches = sum(1 for x, y in itertools.pairwise(records) if x["w"] != y["w"])
+    assert switches > 10
 
 
 def test_full_queue_drops_with_a_counted_warning(tmp_path: Path, caplog):

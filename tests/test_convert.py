@@ -232,3 +232,11 @@ def test_convert_errors_are_one_line(tmp_path: Path):
     assert "Traceback" not in result.stderr
     result = run_convert(tmp_path, "--log_folder", "Log/a", "--target_path", "x.json")
     assert result.returncode == 0 and orjson.loads((tmp_path / "x.json").read_bytes()) == []
+    result = run_convert(tmp_path, "--log_folder", "Log")  # a log root: every prefix
+    assert result.returncode == 0
+    assert (tmp_path / "Log" / "chat_a.json").exists() and (
+        tmp_path / "Log" / "chat_b.json"
+    ).exists()
+    (tmp_path / "empty").mkdir()
+    result = run_convert(tmp_path, "--log_folder", "empty")
+    assert result.returncode == 2 and "no chat log files in 'empty'" in result.stderr
