@@ -63,7 +63,8 @@ def convert(
         raise FileNotFoundError(f"no chat log files in {str(sources[0].folder)!r}")
     total = sum(f.stat().st_size for paths in files.values() for f in paths)
     results = []
-    with _Progress(console, total if total >= progress_min_bytes else 0) as progress:
+    shown = total >= progress_min_bytes and console.is_terminal
+    with _Progress(console, total if shown else 0) as progress:
         for source in sources:
             result = join(files[source.name], source.target, progress)
             write_json(result.entries, source.target)
@@ -175,7 +176,7 @@ def _answered(response: dict[str, Any] | None) -> bool:
 def entry(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
     out = {
         "datetime": request.get("datetime"),
-        "ip": request.get("ip"),
+        "ip": request.get("ip") or request.get("forwarded-for"),  # the latter: old records
         "model": request.get("model"),
         "temperature": request.get("temperature"),
         "messages": _messages(request.get("messages")),
@@ -196,16 +197,21 @@ def join(files: list[Path], target: Path, progress: _Progress) -> Result:
     for record in _records(files, result, progress):
         if "messages" in record:
             requests.append(record)
-        elif "assistant" in record or "is_tool_calls" in record:
-            responses[record.get("uid")] = record
+        elif ("assistant" in record or "is_tool_calls" in record) and _is_uid(record.get("uid")):
+            responses[record["uid"]] = record
     for request in requests:
-        response = responses.get(request.get("uid"))
+        uid = request.get("uid")
+        response = responses.get(uid) if _is_uid(uid) else None
         if response is not None and _answered(response):
             result.entries.append(entry(request, response))
         else:
             result.unanswered += 1
     result.written = len(result.entries)
     return result
+
+
+def _is_uid(uid: Any) -> bool:
+    return isinstance(uid, str | int)
 
 
 def _records(files: list[Path], result: Result, progress: _Progress) -> Iterator[dict[str, Any]]:
@@ -234,12 +240,21 @@ def write_json(entries: list[dict[str, Any]], target: Path) -> None:
             out.write(b"[")
             for i, item in enumerate(entries):
                 out.write(b"\n" if i == 0 else b",\n")
-                out.write(orjson.dumps(item))
+                out.write(orjson.dumps(item, default=_plain))
             out.write(b"\n]\n" if entries else b"]\n")
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _plain(value: Any) -> Any:
+    """What JSON lacks but a Python literal of an old log line may hold (a set, bytes, ...)."""
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 class _Progress:

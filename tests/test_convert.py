@@ -240,3 +240,23 @@ def test_convert_errors_are_one_line(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     result = run_convert(tmp_path, "--log_folder", "empty")
     assert result.returncode == 2 and "no chat log files in 'empty'" in result.stderr
+
+
+def test_odd_literals_of_old_lines_still_convert(tmp_path: Path):
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    lines = [
+        "{'messages': [{'role': 'user', 'content': b'raw'}], 'uid': 'a', 'tools': {1, 2},"
+        " 'forwarded-for': '10.1.1.1', 'temperature': 1j}",
+        "{'assistant': ('t', 'u'), 'is_tool_calls': False, 'uid': 'a'}",
+        "{'messages': [], 'uid': ['unhashable']}",
+        "{'assistant': 'x', 'uid': {'no': 1}}",
+    ]
+    (chat / "chat.log").write_text("\n".join(lines) + "\n")
+    out = io.StringIO()
+    [result] = convert(str(chat), str(tmp_path / "o.json"), console=Console(file=out))
+    assert result.written == 1 and result.unanswered == 1
+    [item] = orjson.loads((tmp_path / "o.json").read_bytes())
+    assert item["messages"] == [{"user": "raw"}] and item["tools"] == [1, 2]
+    assert item["ip"] == "10.1.1.1" and item["temperature"] == "1j"
+    assert item["assistant"] == ["t", "u"]
