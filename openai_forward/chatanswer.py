@@ -7,7 +7,6 @@ Pure and forgiving: any shape of chunk is tolerated; what cannot be read is skip
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,20 +137,67 @@ def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bo
             choice.parts.append(value)
 
 
-def read_stream(events: Iterable[bytes], kind: CallKind) -> Answer:
-    """An answer assembled from SSE events (whole events; see :func:`split_events`)."""
+def read_stream(head: bytes, tail: bytes, kind: CallKind) -> Answer:
+    """An answer assembled from a stream body (``tail``: see :func:`stream_payloads`)."""
     answer = Answer()
-    payloads = []
-    for event in events:
-        data = _data(event)
-        if data is not None and data and data != b"[DONE]":
-            payloads.append(data)
-    for chunk in _parse_each(payloads, answer):
-        if isinstance(chunk, dict):
-            _add_object(answer, kind, chunk, stream=True)
-        else:
+    chunks = None if tail else _parse_plain_stream(head)
+    if chunks is None:
+        chunks = _parse_each(stream_payloads(head, tail), answer)
+    text: list[str] | None = None
+    for chunk in chunks:
+        if chunk.__class__ is not dict:
             answer.malformed = True
+            continue
+        # Fast path for the bulk of a chat stream, one text delta of choice 0: no calls, few
+        # look-ups (this loop is most of the chat log's cost).
+        choices = chunk.get("choices")
+        if (
+            kind == "chat"
+            and choices.__class__ is list
+            and len(choices) == 1
+            and chunk.get("usage") is None
+            and "error" not in chunk
+        ):
+            item = choices[0]
+            if (
+                item.__class__ is dict
+                and not item.get("index")
+                and item.get("finish_reason") is None
+            ):
+                delta = item.get("delta")
+                if delta.__class__ is dict and len(delta) == 1:
+                    content = delta.get("content")
+                    if content.__class__ is str:
+                        if text is None:
+                            text = answer.choice(0).parts
+                        text.append(content)
+                        continue
+        _add_object(answer, kind, chunk, stream=True)
     return answer
+
+
+def _parse_plain_stream(body: bytes) -> list[Any] | None:
+    """The usual stream, nothing but one-line ``data: {...}`` events, parsed as one JSON array
+    made by replacing the event boundaries with commas (a raw newline cannot occur inside JSON,
+    so the boundaries are unambiguous). None when the body is anything else."""
+    if not body.startswith(b"data: "):
+        return None
+    body = body.rstrip()
+    if body.endswith(b"data: [DONE]"):
+        body = body[: -len(b"data: [DONE]")].rstrip()
+        if not body:
+            return []
+    inner = body[6:]
+    array = b"[" + inner.replace(b"\n\ndata: ", b",") + b"]"
+    if b"\n" in array or b"\r" in array:
+        return None
+    try:
+        parsed = orjson.loads(array)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, list) or len(parsed) != inner.count(b"\n\ndata: ") + 1:
+        return None
+    return parsed
 
 
 def _parse_each(payloads: list[bytes], answer: Answer) -> list[Any]:
@@ -174,39 +220,35 @@ def _parse_each(payloads: list[bytes], answer: Answer) -> list[Any]:
     return parsed
 
 
-def _data(event: bytes) -> bytes | None:
-    """``event_data`` with a fast path for the usual one-line ``data: {...}`` event."""
-    if event.startswith(b"data: "):
-        end = event.find(b"\n")
-        if end < 0:
-            return event[6:].rstrip(b"\r")
-        if not event[end:].strip():
-            return event[6:end].rstrip(b"\r")
-    data = event_data(event)
-    return data.strip() if data is not None else None
-
-
-def split_events(head: bytes, tail: bytes = b"") -> list[bytes]:
-    """The events of a stream body. ``tail`` is the end of a body too long to keep whole: it
-    starts mid-event, so everything before its first event boundary is skipped."""
-    events = _events(head)
+def stream_payloads(head: bytes, tail: bytes = b"") -> list[bytes]:
+    """The ``data`` of the events of a stream body, ``[DONE]`` left out. ``tail`` is the end of
+    a body too long to keep whole: it starts mid-event, so its first partial event is skipped."""
+    payloads = _payloads(head)
     if tail:
         boundary = _BOUNDARY.search(tail)
         if boundary is not None:
-            events += _events(tail[boundary.end() :])
-    return events
+            payloads += _payloads(tail[boundary.end() :])
+    return payloads
 
 
-def _events(data: bytes) -> list[bytes]:
-    """Whole events, and an unterminated last one (used if it parses)."""
-    if b"\r" not in data:  # the usual case, and a plain split is much faster than the regex
-        return [event for event in data.split(b"\n\n") if event.strip()]
-    splitter = EventSplitter()
-    events = splitter.feed(data)
-    rest = splitter.flush()
-    if rest.strip():
-        events.append(rest)
-    return events
+def _payloads(body: bytes) -> list[bytes]:
+    """An unterminated last event is included: it is used if it parses."""
+    if b"\r" in body:
+        splitter = EventSplitter()
+        events = splitter.feed(body)
+        events.append(splitter.flush())
+    else:  # the usual case, where a plain split is much faster than the splitter's regex
+        events = body.split(b"\n\n")
+    out = []
+    for event in events:
+        if event.startswith(b"data: ") and b"\n" not in event.rstrip():
+            data: bytes | None = event[6:].rstrip()
+        else:
+            data = event_data(event)
+            data = data.strip() if data is not None else None
+        if data and data != b"[DONE]":
+            out.append(data)
+    return out
 
 
 def read_json(body: bytes, kind: CallKind) -> Answer:

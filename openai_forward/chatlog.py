@@ -9,9 +9,9 @@ chunks to a list; the answer is assembled from those chunks and serialized by th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -38,6 +38,10 @@ class ChatLog:
         self._tz = tz
         self._writer = LogWriter(root, secrets=secrets)
         self._paths: dict[tuple[str, CallKind], str] = {}
+        # A random prefix per process and a counter: unique across workers and restarts, and
+        # no random number per call (``os.urandom`` is a system call, slow on some VMs).
+        self._uid_prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
 
     @property
     def writer(self) -> LogWriter:
@@ -55,7 +59,7 @@ class ChatLog:
 
     def request(self, call: Call) -> Observer:
         """Record the request (sets ``call.uid``); the observer records the answer."""
-        call.uid = uuid.uuid4().hex
+        call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
         key = (call.target.log_name, call.kind)
         path = self._paths.get(key)
         if path is None:

@@ -19,7 +19,6 @@ from openai_forward.chatanswer import (
     Choice,
     read_json,
     read_stream,
-    split_events,
 )
 from openai_forward.exchange import Call, CallKind
 
@@ -168,7 +167,7 @@ def _read_answer(
     if kind == "embedding" and ok:
         return _usage_only(decoded, tail)
     if _header(headers, b"content-type").startswith(b"text/event-stream"):
-        return read_stream(split_events(decoded, tail), kind)
+        return read_stream(decoded, tail, kind)
     if truncated:
         return _usage_only(decoded, tail)  # a whole JSON answer over the limit: only its usage
     return read_json(decoded, kind)

@@ -49,11 +49,17 @@ Render = Callable[[], dict[str, Any] | None]
 class _LogFile:
     """One log file, kept open, rotated by size in agreement with other processes."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path = path
+    def __init__(self, root: Path, relative: str, max_bytes: int, backups: int) -> None:
+        self.path = path = root / relative
         self._max_bytes = max_bytes
         self._backups = backups
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # Chat logs hold what users wrote: folders for the owner (and group) only, every level
+        # (``mkdir(parents=True)`` would give the levels above the last one the default mode).
+        root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        folder = root
+        for part in Path(relative).parent.parts:
+            folder = folder / part
+            folder.mkdir(exist_ok=True, mode=0o750)
         # Rotation is serialized across processes by a lock on the folder (no lock file needed).
         self._dir = os.open(path.parent, os.O_RDONLY) if fcntl is not None else -1
         self._fd = -1
@@ -67,7 +73,6 @@ class _LogFile:
     def _open(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        # Chat logs hold what users wrote: readable by the owner (and group) only.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._ino = os.fstat(self._fd).st_ino
 
@@ -241,7 +246,7 @@ class LogWriter:
                 file = self._files.get(path)
                 if file is None:
                     file = self._files[path] = _LogFile(
-                        self.root / path, self._max_bytes, self._backups
+                        self.root, path, self._max_bytes, self._backups
                     )
                 file.write(lines)
             except OSError as exc:

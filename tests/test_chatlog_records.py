@@ -150,6 +150,10 @@ def test_chat_stream_assembly(body: bytes, expected: dict):
     summary = {k: v for k, v in record.items() if k not in ("uid", "status", "cached", "complete")}
     assert summary == expected
     assert record["complete"] is True
+    # The same events with CRLF boundaries take the general path (a plain stream is parsed in
+    # one go): both give the same record.
+    general = response_record("chat", "u", 200, SSE, body.replace(b"\n", b"\r\n"), complete=True)
+    assert general == record
 
 
 def test_choices_usage_and_error_in_stream():

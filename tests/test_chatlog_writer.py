@@ -43,6 +43,18 @@ def test_rotation_by_size_keeps_the_newest_whole_lines(tmp_path: Path):
     assert len(numbers) >= 3 * (1000 // 62)  # three full backups at least
 
 
+def test_folders_and_files_are_private(tmp_path: Path):
+    umask = os.umask(0)
+    os.umask(umask)
+    writer = LogWriter(tmp_path / "Log")
+    writer.start()
+    writer.submit("openai/chat/chat.log", lambda: {"a": 1})
+    writer.stop()
+    for folder in ("Log", "Log/openai", "Log/openai/chat"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o750 & ~umask, folder
+    assert (tmp_path / "Log/openai/chat/chat.log").stat().st_mode & 0o777 == 0o640 & ~umask
+
+
 def test_a_line_longer_than_the_limit_gets_a_file_of_its_own(tmp_path: Path):
     writer = LogWriter(tmp_path, max_bytes=100, backups=5)
     writer.start()
