@@ -42,6 +42,8 @@ class ChatLog:
         # no random number per call (``os.urandom`` is a system call, slow on some VMs).
         self._uid_prefix = os.urandom(8).hex()
         self._counter = itertools.count()
+        self._second = -1
+        self._second_text = ""
 
     @property
     def writer(self) -> LogWriter:
@@ -70,7 +72,12 @@ class ChatLog:
         return _AnswerObserver(self._writer, path, call.kind, call.uid)
 
     def _dated(self, record: dict[str, Any], at: float) -> dict[str, Any]:
-        record["datetime"] = datetime.fromtimestamp(at, self._tz).strftime(DATETIME_FORMAT)
+        """Runs in the writer thread, which alone touches the cached text of the last second."""
+        second = int(at)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, self._tz).strftime(DATETIME_FORMAT)
+        record["datetime"] = self._second_text
         return record
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ QUEUE_SIZE = 4096
 WRITE_BATCH = 1024 * 1024  # bytes of lines joined into one write
 WARN_EVERY = 60.0  # seconds between two warnings of the same kind
 LINGER = 0.02  # seconds a record may wait for others to be written with it
-_STOP = object()
 
 Render = Callable[[], dict[str, Any] | None]
 
@@ -153,7 +152,11 @@ class LogWriter:
         self._secrets = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._max_bytes = max_bytes
         self._backups = max(1, backups)
-        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        # A deque, not a queue.Queue: appending is one atomic C call for the event loop, with
+        # no lock and no wake-up; the writer collects every ``linger`` seconds.
+        self._pending: deque[tuple[str, Render]] = deque()
+        self._queue_size = queue_size
+        self._stopping = threading.Event()
         self._files: dict[str, _LogFile] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -171,20 +174,20 @@ class LogWriter:
         """Queue an entry without ever waiting: a full queue drops it (counted, warned)."""
         if self._closed:
             return
-        try:
-            self._queue.put_nowait((path, render))
-        except queue.Full:
-            self.dropped += 1
-            self._unreported += 1
-            now = time.monotonic()
-            if now - self._warned_at >= WARN_EVERY:
-                self._warned_at = now
-                self._report_drops()
+        if len(self._pending) < self._queue_size:
+            self._pending.append((path, render))
+            return
+        self.dropped += 1
+        self._unreported += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            self._report_drops()
 
     def _report_drops(self) -> None:
         logger.warning(
             "Chat log queue full (%d entries): dropped %d record(s), %d in all",
-            self._queue.maxsize,
+            self._queue_size,
             self._unreported,
             self.dropped,
         )
@@ -197,36 +200,35 @@ class LogWriter:
         self._closed = True
         if self._unreported:
             self._report_drops()
+        self._stopping.set()
         if self._thread is not None:
-            try:
-                self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
                 logger.warning("Chat log writer is stuck; records still queued are lost")
                 return
-            self._thread.join(timeout)
         for file in self._files.values():
             file.close()
         self._files.clear()
 
     def _run(self) -> None:
+        pending = self._pending
         while True:
-            batch = [self._queue.get()]
-            if batch[0] is not _STOP:
-                # Let a burst gather: while this thread sleeps, a put costs the event loop no
-                # wake-up of this thread, and many records go out in one write.
-                time.sleep(self._linger)
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < 4096:
-                    batch.append(self._queue.get_nowait())
-            stop = any(entry is _STOP for entry in batch)
-            try:
-                self._write(entry for entry in batch if entry is not _STOP)
-            except Exception as exc:  # the thread must live on, or the queue would only fill
-                self._failure(f"write a batch ({type(exc).__name__})")
-            if stop:
+            # Records gather for ``linger`` seconds, then go out in one batch: under load one
+            # wake-up and one write serve many of them.
+            stopping = self._stopping.wait(self._linger)
+            while pending:
+                batch: list[tuple[str, Render]] = []
+                with contextlib.suppress(IndexError):
+                    while len(batch) < 4096:
+                        batch.append(pending.popleft())
+                try:
+                    self._write(batch)
+                except Exception as exc:  # the thread must live on, or the queue would only fill
+                    self._failure(f"write a batch ({type(exc).__name__})")
+            if stopping:
                 return
 
-    def _write(self, entries: Any) -> None:
+    def _write(self, entries: list[tuple[str, Render]]) -> None:
         pending: dict[str, list[bytes]] = {}
         for path, render in entries:
             try:
