@@ -1,25 +1,176 @@
-"""Chat logs (SPEC §9). Not built yet: nothing is written."""
+"""Chat logs (SPEC §9): a request record and a response record per call, written off-path.
+
+On the event loop a call costs a shallow pick of its body fields, an id, and appending relayed
+chunks to a list; the answer is assembled from those chunks and serialized by the writer thread
+(:mod:`openai_forward.logwriter`). Files: ``<LOG_FOLDER>/<name>/<kind>/<kind>.log`` with
+``<name>`` the target's :attr:`~openai_forward.settings.Target.log_name`.
+"""
 
 from __future__ import annotations
 
-from openai_forward.exchange import Call, CallKind, Observer
-from openai_forward.settings import Settings
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import Any
+
+from openai_forward.chatrecord import request_record, response_record
+from openai_forward.exchange import Call, CallKind, Headers, Observer
+from openai_forward.logwriter import LogWriter
+from openai_forward.settings import ConfigError, Settings
+
+# Bytes of an answer kept for its record; past that only its end is kept (``truncated``).
+KEEP_BYTES: dict[CallKind, int] = {
+    "chat": 8 * 1024 * 1024,
+    "completion": 8 * 1024 * 1024,
+    "embedding": 64 * 1024,  # vectors are not logged: the head and the tail (usage) suffice
+}
+TAIL_BYTES = 64 * 1024
+DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 class ChatLog:
+    def __init__(self, root: Path, tz: tzinfo | None, secrets: list[str]) -> None:
+        self.root = root
+        self._tz = tz
+        self._writer = LogWriter(root, secrets=secrets)
+        self._paths: dict[tuple[str, CallKind], str] = {}
+        # A random prefix per process and a counter: unique across workers and restarts, and
+        # no random number per call (``os.urandom`` is a system call, slow on some VMs).
+        self._uid_prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+        self._second = -1
+        self._second_text = ""
+
+    @property
+    def writer(self) -> LogWriter:
+        return self._writer
+
     async def open(self) -> None:
-        pass
+        self._writer.start()
 
     async def close(self) -> None:
-        pass
+        """Writes every queued record (the lifespan's shutdown waits for it)."""
+        await asyncio.to_thread(self._writer.stop)
 
     def watches(self, kind: CallKind) -> bool:
-        return False
+        return True
 
     def request(self, call: Call) -> Observer:
         """Record the request (sets ``call.uid``); the observer records the answer."""
-        raise NotImplementedError
+        call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
+        key = (call.target.log_name, call.kind)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = f"{key[0]}/{call.kind}/{call.kind}.log"
+        record = request_record(call)
+        at = time.time()
+        self._writer.submit(path, lambda: self._dated(record, at))
+        return _AnswerObserver(self._writer, path, call.kind, call.uid)
+
+    def _dated(self, record: dict[str, Any], at: float) -> dict[str, Any]:
+        """Runs in the writer thread, which alone touches the cached text of the last second."""
+        second = int(at)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, self._tz).strftime(DATETIME_FORMAT)
+        record["datetime"] = self._second_text
+        return record
+
+
+class _AnswerObserver:
+    """Collects the relayed answer of one call; cheap on the loop and never raises."""
+
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_complete",
+        "_headers",
+        "_keep",
+        "_kind",
+        "_path",
+        "_size",
+        "_status",
+        "_tail",
+        "_uid",
+        "_writer",
+    )
+
+    def __init__(self, writer: LogWriter, path: str, kind: CallKind, uid: str) -> None:
+        self._writer = writer
+        self._path = path
+        self._kind = kind
+        self._uid = uid
+        self._status: int | None = None
+        self._headers: Sequence[tuple[bytes, bytes]] = ()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._keep = KEEP_BYTES[kind]
+        self._tail = b""
+        self._closed = False
+        self._complete = False
+
+    def start(self, status: int, headers: Headers) -> None:
+        self._status = status
+        self._headers = tuple(headers)  # read later, in the writer thread
+
+    def feed(self, chunk: bytes) -> None:
+        if self._size < self._keep:
+            self._chunks.append(chunk)
+        else:
+            self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+        self._size += len(chunk)
+
+    def close(self, complete: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._complete = complete
+        self._writer.submit(self._path, self._record)
+
+    def _record(self) -> dict[str, Any]:
+        """Runs in the writer thread."""
+        body = b"".join(self._chunks)
+        return response_record(
+            self._kind,
+            self._uid,
+            self._status,
+            self._headers,
+            body,
+            tail=self._tail,
+            complete=self._complete,
+            truncated=self._size > len(body),
+        )
+
+
+def _zone(name: str | None) -> tzinfo | None:
+    """``TZ`` as a zone; None means the system's local time."""
+    if name is None:
+        return None
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(name.lstrip(":"))
 
 
 def build_chatlog(settings: Settings) -> ChatLog | None:
-    return None
+    if not settings.log_chat:
+        return None
+    secrets = [k.reveal() for k in (*settings.api_keys, *settings.forward_keys)]
+    return ChatLog(Path(settings.log_folder), _zone(settings.tz), secrets)
+
+
+def check_startup(settings: Settings) -> None:
+    """With ``LOG_CHAT`` on, the log folder must be creatable and writable."""
+    if not settings.log_chat:
+        return
+    root = Path(settings.log_folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        expected = f"a folder this user can create ({exc.strerror})"
+        raise ConfigError("LOG_FOLDER", settings.log_folder, expected) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError("LOG_FOLDER", settings.log_folder, "a folder this user can write to")

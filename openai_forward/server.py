@@ -16,10 +16,11 @@ def check_startup(settings: Settings) -> None:
 
     Raises :class:`~openai_forward.settings.ConfigError`.
     """
-    from openai_forward import cache, ratelimit
+    from openai_forward import cache, chatlog, ratelimit
 
     ratelimit.check_startup(settings)
     cache.check_startup(settings)
+    chatlog.check_startup(settings)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -1,0 +1,173 @@
+"""Chat log records (SPEC §9): pure functions from a call and its answer to JSON-ready dicts.
+
+No I/O and no clock. The request record is picked from the parsed body on the event loop (a few
+dict look-ups); the answer is assembled from the raw bytes in the chat log's writer thread.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from openai_forward.chatanswer import (
+    ERROR_TEXT_LIMIT,
+    Answer,
+    Choice,
+    read_json,
+    read_stream,
+)
+from openai_forward.exchange import Call, CallKind
+
+# Body fields that shape an answer, copied into the request record when the client sent them.
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "seed",
+    "reasoning_effort",
+)
+_OPTIONAL: dict[CallKind, tuple[str, ...]] = {
+    "chat": (
+        *_SAMPLING,
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "response_format",
+        "user",
+    ),
+    "completion": ("suffix", *_SAMPLING, "best_of", "echo", "user"),
+    "embedding": ("encoding_format", "dimensions", "user"),
+}
+_CONTENT: dict[CallKind, str] = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+
+
+def request_record(call: Call) -> dict[str, Any]:
+    """What the client asked: never a header, so never a key (``datetime`` is added by the log)."""
+    payload = call.payload
+    record: dict[str, Any] = {_CONTENT[call.kind]: payload.get(_CONTENT[call.kind])}
+    record["model"] = payload.get("model")
+    if call.kind != "embedding":
+        record["stream"] = call.stream
+    for name in _OPTIONAL[call.kind]:
+        if name in payload:
+            record[name] = payload[name]
+    if call.kind == "chat":
+        record["tools"] = payload.get("tools")
+    record["ip"] = call.client
+    record["uid"] = call.uid
+    if call.user is not None:
+        record["key_hash"] = call.user  # which forward key: its hash, never the key
+    return record
+
+
+def _usage_only(body: bytes, tail: bytes) -> Answer:
+    """Only the ``usage`` of a JSON answer, found near either end without parsing the rest: an
+    embedding answer is mostly vectors (megabytes of floats for a batch), which are not logged."""
+    answer = Answer()
+    for part in (tail[-8192:], body[-8192:], body[:8192]):
+        found = _USAGE.search(part)
+        if found is not None:
+            try:
+                usage = orjson.loads(found.group(1))
+            except orjson.JSONDecodeError:
+                continue
+            answer.usage = usage if isinstance(usage, dict) else None
+            break
+    return answer
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
+    for key, value in headers:
+        if key == name:
+            return value
+    return b""
+
+
+def _decoded(body: bytes, encoding: bytes) -> bytes | None:
+    """The body without its content coding (the upstream is asked for none, but may use one)."""
+    if encoding in (b"", b"identity"):
+        return body
+    if encoding in (b"gzip", b"x-gzip", b"deflate"):
+        for wbits in (47, -15):  # gzip or zlib by header, else raw deflate
+            try:
+                return zlib.decompressobj(wbits).decompress(body)
+            except zlib.error:
+                continue
+    return None
+
+
+def response_record(
+    kind: CallKind,
+    uid: str,
+    status: int | None,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    tail: bytes = b"",
+    complete: bool,
+    truncated: bool = False,
+) -> dict[str, Any]:
+    """The answer's record. ``status`` None: no response came (upstream unreachable, client
+    gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
+    ok = status is not None and 200 <= status < 300
+    if kind == "embedding" and ok:
+        truncated = False  # by design: only the ends of a batch of vectors are kept
+    answer = _read_answer(kind, ok, headers, body, tail, truncated)
+    if status is not None and not ok and answer.error is None:
+        answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
+
+    record: dict[str, Any] = {}
+    if kind != "embedding":
+        summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
+        record.update(summaries[0] if summaries else Choice().summary())
+        if len(summaries) > 1:
+            record["choices"] = summaries
+    record["uid"] = uid
+    if answer.usage is not None:
+        record["usage"] = answer.usage
+    record["status"] = status
+    record["cached"] = _header(headers, b"x-cache").upper() == b"HIT"
+    record["complete"] = complete and not truncated and not (ok and answer.malformed)
+    if answer.error is not None:
+        record["error"] = answer.error
+    if truncated:
+        record["truncated"] = True
+    return record
+
+
+def _read_answer(
+    kind: CallKind,
+    ok: bool,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    tail: bytes,
+    truncated: bool,
+) -> Answer:
+    if not (body or tail):
+        return Answer()
+    decoded = _decoded(body, _header(headers, b"content-encoding").lower())
+    if decoded is None:
+        return Answer(error="undecodable content-encoding")
+    if decoded is not body:
+        tail = b""  # the end of a compressed stream cannot be decoded on its own
+    if kind == "embedding" and ok:
+        return _usage_only(decoded, tail)
+    if _header(headers, b"content-type").startswith(b"text/event-stream"):
+        return read_stream(decoded, tail, kind)
+    if truncated:
+        return _usage_only(decoded, tail)  # a whole JSON answer over the limit: only its usage
+    return read_json(decoded, kind)
