@@ -41,6 +41,7 @@ QUEUE_SIZE = 4096
 WRITE_BATCH = 1024 * 1024  # bytes of lines joined into one write
 WARN_EVERY = 60.0  # seconds between two warnings of the same kind
 LINGER = 0.02  # seconds a record may wait for others to be written with it
+YIELD_EVERY = 0.001  # seconds of rendering after which the writer offers the GIL
 
 Render = Callable[[], dict[str, Any] | None]
 
@@ -230,7 +231,14 @@ class LogWriter:
 
     def _write(self, entries: list[tuple[str, Render]]) -> None:
         pending: dict[str, list[bytes]] = {}
+        held_since = time.monotonic()
         for path, render in entries:
+            now = time.monotonic()
+            if now - held_since > YIELD_EVERY:
+                # Let the event loop take the GIL if it wants it: it then waits about a
+                # millisecond at most, not the interpreter's 5 ms switch interval.
+                time.sleep(0)
+                held_since = now
             try:
                 record = render()
                 if record is None:
