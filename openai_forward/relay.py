@@ -55,10 +55,17 @@ async def relay(
         if streaming and interval:
             await _relay_paced(send, upstream, response, interval, observers)
         else:
+            content = response.content
             async for chunk in upstream.iter_body(response):
                 for observer in observers:
                     observer.feed(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # The upstream's end of body often comes in the same read as its last chunk:
+                # then finish the client's response with that chunk, one write instead of two.
+                last = content.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    complete = True
+                    return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         complete = True
     finally:
