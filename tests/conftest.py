@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from openai_forward.app import create_app
 from openai_forward.server import uvicorn_options
 from openai_forward.settings import Settings
+from tests.support import RedisProcess, need_redis_server
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -149,6 +150,28 @@ def proxy_factory() -> Iterator[Callable[..., ProxyServer]]:
 def proxy(proxy_factory: Callable[..., ProxyServer], upstream: RecordingUpstream) -> ProxyServer:
     """A proxy with one openai-type target at ``/`` pointing at the recording upstream."""
     return proxy_factory(OPENAI_BASE_URL=upstream.url)
+
+
+@pytest.fixture
+def redis_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RedisProcess]]:
+    """Start a redis-server of this test's own: ``redis_process("--requirepass", "pw")``.
+
+    Each gets a temp dir; all are killed at teardown. Skips when ``redis-server`` is missing,
+    unless OPENAI_FORWARD_REQUIRE_REDIS=1 (CI), where it fails.
+    """
+    need_redis_server()
+    started: list[RedisProcess] = []
+
+    def start(*extra: str) -> RedisProcess:
+        server = RedisProcess(tmp_path_factory.mktemp("redis"), *extra)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
 
 
 REDIS_URL = os.environ.get("OPENAI_FORWARD_TEST_REDIS", "redis://127.0.0.1:6379/0")

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import time
 
 import httpx
 import pytest
@@ -20,62 +16,32 @@ CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "caching": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int, folder) -> subprocess.Popen:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
-
-
 @pytest.mark.redis
-async def test_redis_gone_degrades_to_miss_then_recovers(proxy_factory, upstream, tmp_path, caplog):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+async def test_redis_gone_degrades_to_miss_then_recovers(
+    proxy_factory, upstream, redis_process, caplog
+):
     fake_openai.install(upstream)
-    port = _free_port()
-    redis = _start_redis(port, tmp_path)
-    try:
-        proxy = proxy_factory(
-            OPENAI_BASE_URL=upstream.url,
-            CACHE_CHAT_COMPLETION="true",
-            CACHE_BACKEND="REDIS",
-            CACHE_ROOT_PATH_OR_URL=f"redis://127.0.0.1:{port}/0",
-        )
-        async with httpx.AsyncClient(base_url=proxy.url) as client:
-            states = [(await client.post(CHAT, json=BODY)).headers["x-cache"] for _ in range(2)]
-            await asyncio.sleep(0.1)  # let the first answer's write finish
-            redis.kill()
-            redis.wait(5)
-            with caplog.at_level(logging.WARNING, logger="openai_forward.cache"):
-                down = [await client.post(CHAT, json=BODY) for _ in range(3)]
-            assert [r.status_code for r in down] == [200, 200, 200]
-            assert [r.headers["x-cache"] for r in down] == ["MISS"] * 3
-            assert all(r.json()["choices"][0]["message"]["content"] == "echo: hi" for r in down)
-            warnings = [r for r in caplog.records if "Cache read on REDIS failed" in r.message]
-            assert len(warnings) == 1  # logged once, not once per request
-            redis = _start_redis(port, tmp_path)
-            await asyncio.sleep(3.2)  # the cache stays aside for 3 s after a failure
-            back = [(await client.post(CHAT, json=BODY)).headers["x-cache"] for _ in range(2)]
-    finally:
+    redis = redis_process()
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url,
+        CACHE_CHAT_COMPLETION="true",
+        CACHE_BACKEND="REDIS",
+        CACHE_ROOT_PATH_OR_URL=redis.url,
+    )
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        states = [(await client.post(CHAT, json=BODY)).headers["x-cache"] for _ in range(2)]
+        await asyncio.sleep(0.1)  # let the first answer's write finish
         redis.kill()
-        redis.wait(5)
+        with caplog.at_level(logging.WARNING, logger="openai_forward.cache"):
+            down = [await client.post(CHAT, json=BODY) for _ in range(3)]
+        assert [r.status_code for r in down] == [200, 200, 200]
+        assert [r.headers["x-cache"] for r in down] == ["MISS"] * 3
+        assert all(r.json()["choices"][0]["message"]["content"] == "echo: hi" for r in down)
+        warnings = [r for r in caplog.records if "Cache read on REDIS failed" in r.message]
+        assert len(warnings) == 1  # logged once, not once per request
+        redis.start()  # same port, empty
+        await asyncio.sleep(3.2)  # the cache stays aside for 3 s after a failure
+        back = [(await client.post(CHAT, json=BODY)).headers["x-cache"] for _ in range(2)]
     assert states == ["MISS", "HIT"]
     assert back == ["MISS", "HIT"]
     assert sum(1 for r in upstream.requests if r.path_qs == CHAT) == 1 + 3 + 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import plyvel
 import pytest
 
 from tests import fake_openai
+from tests.support import free_port
 
 AIFD = [sys.executable, "-m", "openai_forward"]
 CHAT = "/v1/chat/completions"
@@ -26,12 +26,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FORWARD_"))}
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -98,7 +92,7 @@ def _popen(port: int, folder: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 async def _start(tmp_path: Path, upstream_url: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = _env(
         OPENAI_BASE_URL=upstream_url,
         CACHE_CHAT_COMPLETION="true",

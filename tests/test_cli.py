@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import free_port
 
 AIFD = [sys.executable, "-m", "openai_forward"]
 
@@ -50,14 +51,8 @@ def test_run_help_lists_options(tmp_path: Path):
         assert option in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_print_banner_once_and_serve(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     (tmp_path / ".env").write_text(
         "OPENAI_BASE_URL=http://127.0.0.1:9\nOPENAI_API_KEY=sk-top-secret\n"
     )

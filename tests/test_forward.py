@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ProxyServer, RecordingUpstream
+from tests.support import free_port
 
 
 def sse_handler(events: list[bytes], delay: float = 0.0, done: bool = True):
@@ -169,16 +170,8 @@ async def test_two_dropped_connections_then_success(proxy_factory, upstream: Rec
     assert [rec.body for rec in upstream.requests] == [b'{"a":1}'] * 3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_upstream_down_gives_502_quickly(proxy_factory):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     proxy = proxy_factory(OPENAI_BASE_URL=dead, OPENAI_API_KEY="sk-secret-real", MAX_RETRIES=2)
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=proxy.url) as client:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,11 @@ import httpx
 import pytest
 
 from tests.conftest import RecordingUpstream
+from tests.support import free_port
 
 CHAT = "/v1/chat/completions"
 AIFD_RUN = [sys.executable, "-m", "openai_forward", "run"]
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Instance:

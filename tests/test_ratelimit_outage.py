@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,67 +19,10 @@ import pytest
 
 from openai_forward.ratelimit import check_startup
 from openai_forward.settings import ConfigError, Settings
+from tests.support import free_port
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SpareRedis:
-    """A redis-server that a test may stop and start again on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        options = {"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
-        args = [arg for name, value in options.items() for arg in (f"--{name}", value)]
-        self.process = subprocess.Popen(
-            ["redis-server", *args, "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-@pytest.fixture
-def spare_redis(tmp_path: Path) -> Iterator[SpareRedis]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("OPENAI_FORWARD_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed and OPENAI_FORWARD_REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not installed")
-    server = SpareRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def timed_post(client: httpx.AsyncClient, key: str) -> tuple[int, float, httpx.Response]:
@@ -94,12 +34,13 @@ async def timed_post(client: httpx.AsyncClient, key: str) -> tuple[int, float, h
 @pytest.mark.redis
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 async def test_redis_lost_while_serving_and_back(
-    proxy_factory, upstream, spare_redis: SpareRedis, caplog, fail_open: bool
+    proxy_factory, upstream, redis_process, caplog, fail_open: bool
 ):
     caplog.set_level(logging.INFO, logger="openai_forward.ratelimit")
+    redis = redis_process()
     proxy = proxy_factory(
         OPENAI_BASE_URL=upstream.url,
-        REQ_RATE_LIMIT_BACKEND=spare_redis.url,
+        REQ_RATE_LIMIT_BACKEND=redis.url,
         GLOBAL_RATE_LIMIT="2/minute",
         RATE_LIMIT_FAIL_OPEN=str(fail_open).lower(),
         FORWARD_KEY="fk-before,fk-during,fk-after",  # three users
@@ -107,7 +48,7 @@ async def test_redis_lost_while_serving_and_back(
     async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
         assert [(await timed_post(client, "fk-before"))[0] for _ in range(3)] == [200, 200, 429]
 
-        spare_redis.stop()
+        redis.stop()  # SIGTERM
         during = []
         for _ in range(4):  # spread over 1.5 s: the lost storage is tried more than once
             during.append(await timed_post(client, "fk-during"))
@@ -126,7 +67,7 @@ async def test_redis_lost_while_serving_and_back(
         # a user refused before the outage stays refused until its window is over
         assert (await timed_post(client, "fk-before"))[0] == 429
 
-        spare_redis.start()  # empty: the counters went with the old process
+        redis.start()  # empty: the counters went with the old process
         after: list[int] = []
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline and after[-1:] != [429]:
@@ -161,8 +102,9 @@ def test_startup_check_leaves_an_unused_backend_alone():
 
 
 @pytest.mark.redis
-def test_startup_check_passes_with_a_reachable_redis(spare_redis: SpareRedis):
-    check_startup(settings(REQ_RATE_LIMIT_BACKEND=spare_redis.url, GLOBAL_RATE_LIMIT="1/second"))
+def test_startup_check_passes_with_a_reachable_redis(redis_process):
+    redis = redis_process()
+    check_startup(settings(REQ_RATE_LIMIT_BACKEND=redis.url, GLOBAL_RATE_LIMIT="1/second"))
 
 
 def test_a_pace_of_zero_is_refused():

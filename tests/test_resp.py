@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from openai_forward.ratelimit.storage import ping_redis
 from openai_forward.resp import RedisClient, RedisReplyError, RedisUnavailable, Script
 from openai_forward.resp_wire import Address, Parser, RedisProtocolError, encode, parse_url
 from openai_forward.settings import ConfigError
+from tests.support import free_port
 
 # (stream, replies); an error reply is shown as ("ERR", message)
 REPLIES = [
@@ -127,67 +123,6 @@ def test_unsupported_urls_are_clear_errors(url: str):
 # The client against real servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OwnRedis:
-    """A redis-server of this test's own, to stop, freeze and restart."""
-
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        self.process = subprocess.Popen(
-            ["redis-server", *args, "no", "--dir", str(self.directory), *self.extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[callable]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("OPENAI_FORWARD_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed and OPENAI_FORWARD_REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not installed")
-    servers: list[OwnRedis] = []
-
-    def start(*extra: str) -> OwnRedis:
-        server = OwnRedis(tmp_path, *extra)
-        servers.append(server)
-        server.start()
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            if server.process is not None:
-                server.process.send_signal(signal.SIGCONT)
-            server.stop()
-
-
 @pytest.mark.redis
 async def test_pipelined_commands_each_get_their_own_reply(redis_server):
     client = RedisClient(redis_server.url)
@@ -244,9 +179,9 @@ async def test_the_database_of_the_url_is_selected(redis_server):
 
 
 @pytest.mark.redis
-async def test_auth_from_the_url_and_a_unix_socket(own_redis, tmp_path: Path):
+async def test_auth_from_the_url_and_a_unix_socket(redis_process, tmp_path: Path):
     sock = tmp_path / "r.sock"
-    server = own_redis("--requirepass", "s3cret", "--unixsocket", str(sock))
+    server = redis_process("--requirepass", "s3cret", "--unixsocket", str(sock))
     good = RedisClient(f"redis://:s3cret@127.0.0.1:{server.port}/2")
     unix = RedisClient(f"unix://:s3cret@{sock}?db=2")
     anonymous = RedisClient(f"redis://127.0.0.1:{server.port}")
@@ -269,8 +204,8 @@ async def test_auth_from_the_url_and_a_unix_socket(own_redis, tmp_path: Path):
 
 
 @pytest.mark.redis
-async def test_a_burst_opens_one_connection(own_redis):
-    server = own_redis()
+async def test_a_burst_opens_one_connection(redis_process):
+    server = redis_process()
     client = RedisClient(f"redis://127.0.0.1:{server.port}")
     try:
         await asyncio.gather(*[client.execute("PING") for _ in range(100)])
@@ -319,18 +254,17 @@ async def test_nothing_listening_is_unavailable_at_once():
 
 
 @pytest.mark.redis
-async def test_a_frozen_redis_times_out_and_the_client_recovers_in_order(own_redis):
-    server = own_redis()
+async def test_a_frozen_redis_times_out_and_the_client_recovers_in_order(redis_process):
+    server = redis_process()
     client = RedisClient(f"redis://127.0.0.1:{server.port}", timeout=0.3)
     try:
         assert await client.execute("INCR", "n") == 1
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)
+        server.freeze()  # SIGSTOP
         late = await asyncio.gather(
             *[client.execute("INCR", "n") for _ in range(3)], return_exceptions=True
         )
         assert all(isinstance(r, RedisUnavailable) for r in late)
-        server.process.send_signal(signal.SIGCONT)  # the stale replies go to a closed socket
+        server.thaw()  # the stale replies go to a closed socket
         count = await client.execute("GET", "n")
         assert count in (b"1", b"2", b"3", b"4")  # the frozen INCRs may or may not have run
         assert await client.execute("INCR", "n") == int(count) + 1  # replies match again
@@ -339,14 +273,14 @@ async def test_a_frozen_redis_times_out_and_the_client_recovers_in_order(own_red
 
 
 @pytest.mark.redis
-async def test_a_restarted_redis_is_unavailable_then_back(own_redis):
-    server = own_redis()
+async def test_a_restarted_redis_is_unavailable_then_back(redis_process):
+    server = redis_process()
     client = RedisClient(f"redis://127.0.0.1:{server.port}")
     try:
         assert await client.execute("SET", "k", "v") == b"OK"
         pending = asyncio.ensure_future(client.execute("BLPOP", "never", 0))
         await asyncio.sleep(0.1)
-        server.stop()
+        server.kill()
         with pytest.raises(RedisUnavailable):
             await pending  # the command in flight fails when the connection goes
         for _ in range(2):
@@ -360,8 +294,8 @@ async def test_a_restarted_redis_is_unavailable_then_back(own_redis):
 
 
 @pytest.mark.redis
-async def test_close_fails_what_is_pending(own_redis):
-    server = own_redis()
+async def test_close_fails_what_is_pending(redis_process):
+    server = redis_process()
     client = RedisClient(f"redis://127.0.0.1:{server.port}")
     pending = asyncio.ensure_future(client.execute("BLPOP", "never", 0))
     await asyncio.sleep(0.1)
