@@ -41,24 +41,41 @@ def embedding_from_json(body: bytes) -> bytes | None:
     return body if _document(body, "data") else None
 
 
+def _stream_data(body: bytes) -> tuple[list[bytes], bool]:
+    """The ``data`` of every event before ``data: [DONE]``, and whether ``[DONE]`` came."""
+    if b"\r" in body:  # unusual line ends: the general splitter
+        events = EventSplitter().feed(body)
+    else:  # "data: {...}\n\n" events, split at C speed
+        events = body.split(b"\n\n")
+    datas = []
+    for event in events:
+        if event.startswith(b"data: ") and b"\n" not in event.rstrip(b"\r\n"):
+            data: bytes | None = event[6:].rstrip(b"\r\n")
+        else:
+            data = event_data(event)
+        if data is None:
+            continue
+        if data.strip() == b"[DONE]":
+            return datas, True
+        datas.append(data)
+    return datas, False
+
+
 def chat_from_sse(body: bytes) -> bytes | None:
     """A ``chat.completion`` assembled from a whole stream, or None unless the stream reached
     ``data: [DONE]`` with no error event on the way."""
     head: dict[str, Any] = {}
     choices: dict[int, _Choice] = {}
     usage = None
-    done = False
-    for event in EventSplitter().feed(body):
-        data = event_data(event)
-        if data is None:
-            continue
-        if data.strip() == b"[DONE]":
-            done = True
-            break
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return None
+    datas, done = _stream_data(body)
+    if not done:
+        return None
+    try:
+        # One parse of all events as a JSON array: far cheaper than one parse per event.
+        chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
             return None
         for name in _HEAD_FIELDS:
