@@ -43,10 +43,8 @@ def embedding_from_json(body: bytes) -> bytes | None:
 
 def _stream_data(body: bytes) -> tuple[list[bytes], bool]:
     """The ``data`` of every event before ``data: [DONE]``, and whether ``[DONE]`` came."""
-    if b"\r" in body:  # unusual line ends: the general splitter
-        events = EventSplitter().feed(body)
-    else:  # "data: {...}\n\n" events, split at C speed
-        events = body.split(b"\n\n")
+    # "data: {...}\n\n" events split at C speed; unusual line ends by the general splitter.
+    events = EventSplitter().feed(body) if b"\r" in body else body.split(b"\n\n")
     datas = []
     for event in events:
         if event.startswith(b"data: ") and b"\n" not in event.rstrip(b"\r\n"):
