@@ -45,7 +45,7 @@ def _stream_data(body: bytes) -> tuple[list[bytes], bool]:
     """The ``data`` of every event before ``data: [DONE]``, and whether ``[DONE]`` came."""
     # "data: {...}\n\n" events split at C speed; unusual line ends by the general splitter.
     events = EventSplitter().feed(body) if b"\r" in body else body.split(b"\n\n")
-    datas = []
+    datas: list[bytes] = []
     for event in events:
         if event.startswith(b"data: ") and b"\n" not in event.rstrip(b"\r\n"):
             data: bytes | None = event[6:].rstrip(b"\r\n")
