@@ -25,6 +25,7 @@ from openai_forward.exchange import Call, Observer, call_kind
 from openai_forward.headers import read_request_head
 from openai_forward.paths import is_safe_rest
 from openai_forward.ratelimit import RequestLimiter
+from openai_forward.ratelimit.rules import canonical_route
 from openai_forward.relay import relay
 from openai_forward.settings import Settings, Target
 from openai_forward.types import Message, Receive, Scope, Send
@@ -173,7 +174,7 @@ class Forwarder:
                 self.upstream,
                 response,
                 extra,
-                interval=self._pacing.get(route),
+                interval=self._interval(route) if self._pacing else None,
                 observers=observers,
             )
         except ProxyError as exc:
@@ -189,6 +190,11 @@ class Forwarder:
             if guard is None or not guard.gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except Exception:
+            # A defect of ours: logged in full here, and the client still gets the §10 shape.
+            logger.exception("Failed to forward %s %s", scope["method"], route)
+            if not started:
+                await send_error(send, 502, "The proxy failed to forward the request", extra)
         finally:
             if guard is not None:
                 guard.stop()
@@ -199,6 +205,10 @@ class Forwarder:
                     observer.close(False)
             if response is not None:
                 response.close() if not response.content.is_eof() else response.release()
+
+    def _interval(self, route: str) -> float | None:
+        interval = self._pacing.get(route)
+        return self._pacing.get(canonical_route(route)) if interval is None else interval
 
     def _call(
         self, scope: Scope, rest: bytes, route: str, body: bytes, user: str | None

@@ -79,3 +79,13 @@ async def test_an_unterminated_last_event_is_paced_too(proxy_factory, upstream: 
     assert b"".join(c for _, c in chunks) == b'data: {"n": 1}\n\ndata: {"n": 2}'
     tail_at = next(t for t, c in chunks if c.endswith(b'{"n": 2}'))
     assert tail_at - start >= 0.25 - 0.02
+
+
+async def test_other_spellings_of_a_paced_route_are_paced(proxy_factory, upstream):
+    upstream.route(CHAT + "/", one_read_handler(b"".join(EVENTS[:6])))
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url, TOKEN_RATE_LIMIT=orjson.dumps({CHAT: "10/second"}).decode()
+    )
+    times, body = await arrivals(proxy.url, CHAT + "/")
+    assert body == b"".join(EVENTS[:6])
+    assert times[-1] - times[0] >= 0.5 - 0.02  # 5 gaps of 0.1 s
