@@ -6,7 +6,7 @@ once; on every other request nothing here is touched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from openai_forward.settings import Target
@@ -41,7 +41,6 @@ class Call:
     client: str  # client address
     user: str | None  # hashed forward key, if the client sent one
     uid: str = ""  # set by the chat log
-    extra: dict[str, Any] = field(default_factory=dict)
     query: bytes = b""  # the raw query string (part of the cache key)
 
     @property
