@@ -121,6 +121,21 @@ FEATURES: tuple[Feature, ...] = (
         note="orig not measured: it blocks 1-2 s per hit",
     ),
     Feature("log-chat", {"LOG_CHAT": "true"}, {"LOG_OPENAI": "true"}),
+    Feature(
+        "together",
+        {
+            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: HUGE_LIMIT, EMBEDDINGS_PATH: HUGE_LIMIT}),
+            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
+            "REQ_RATE_LIMIT_BACKEND": "{redis_url}",
+            "CACHE_CHAT_COMPLETION": "true",
+            "CACHE_BACKEND": "MEMORY",
+            "LOG_CHAT": "true",
+        },
+        None,
+        body="vary",
+        needs_redis=True,
+        note="Redis limits + cache miss + LOG_CHAT at once",
+    ),
 )
 FEATURES_BY_NAME = {feature.name: feature for feature in FEATURES}
 
@@ -644,16 +659,9 @@ def add_added_latency(results: dict[str, list[dict[str, float]]]) -> None:
                 run["added_p50_us"] = (run["c1_p50_ms"] - direct[rep]["c1_p50_ms"]) * 1000
 
 
-def render_table(results: dict[str, list[dict[str, float]]], failed: set[str]) -> str:
-    header = ["config", *(title for _, title, _ in COLUMNS)]
-    rows = [header]
-    for label, runs in results.items():
-        values = medians(runs) if runs else {}
-        cells = [label + (" (FAILED)" if label in failed else "")]
-        for metric, _, fmt in COLUMNS:
-            cells.append(fmt.format(values[metric]) if metric in values else "-")
-        rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+def markdown_table(rows: list[list[str]]) -> str:
+    """Rows of cells (the first is the header) as a Markdown table, numbers right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         padded = [
@@ -665,6 +673,47 @@ def render_table(results: dict[str, list[dict[str, float]]], failed: set[str]) -
             rule = [("-" * w) if c == 0 else ("-" * (w - 1) + ":") for c, w in enumerate(widths)]
             lines.append("| " + " | ".join(rule) + " |")
     return "\n".join(lines)
+
+
+def render_table(results: dict[str, list[dict[str, float]]], failed: set[str]) -> str:
+    rows = [["config", *(title for _, title, _ in COLUMNS)]]
+    for label, runs in results.items():
+        values = medians(runs) if runs else {}
+        cells = [label + (" (FAILED)" if label in failed else "")]
+        for metric, _, fmt in COLUMNS:
+            cells.append(fmt.format(values[metric]) if metric in values else "-")
+        rows.append(cells)
+    return markdown_table(rows)
+
+
+DELTA_METRICS = (("cpu_us_req_c64", "µs/req c64"), ("cpu_us_stream", "µs/stream"))
+
+
+def render_feature_costs(results: dict[str, list[dict[str, float]]]) -> str | None:
+    """Each feature's added CPU against the bare proxy of the same repetition (the phases are
+    interleaved, so pairing within a repetition cancels part of the machine's drift)."""
+    rows = [["feature"]]
+    for _, title in DELTA_METRICS:
+        rows[0] += [f"added {title}", "x bare"]
+    for label, runs in results.items():
+        kind, _, feature = label.partition(":")
+        bare = results.get(f"{kind}:bare", [])
+        if not feature or feature == "bare" or not bare:
+            continue
+        cells = [label]
+        for metric, _ in DELTA_METRICS:
+            pairs = [
+                (run[metric], base[metric])
+                for run, base in zip(runs, bare, strict=False)
+                if metric in run and metric in base and base[metric] > 0
+            ]
+            if not pairs:
+                cells += ["-", "-"]
+                continue
+            cells.append(f"{statistics.median(a - b for a, b in pairs):+.0f}")
+            cells.append(f"{statistics.median(a / b for a, b in pairs):.2f}")
+        rows.append(cells)
+    return markdown_table(rows) if len(rows) > 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,6 +907,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_added_latency(results)
     print()
     print(render_table(results, failed))
+    costs = render_feature_costs(results)
+    if costs:
+        print("\nadded CPU per feature (median over repetitions of feature minus bare):")
+        print(costs)
     print(
         f"\nmedians of {plan.reps} repetition(s); proxy on core {PROXY_CORE}, mock + load on "
         f"core {LOAD_CORE}" + ("" if pin else " (NOT pinned)")

@@ -12,16 +12,24 @@ from collections.abc import Sequence
 from openai_forward.types import Scope
 
 _CACHE_KEY = "openai_forward.client"
+_MEMO_SIZE = 4096  # distinct hosts whose trust is remembered (parsing an address is costly)
 
 
 class ClientAddress:
     def __init__(self, trusted: Sequence[str]) -> None:
         self._any = "*" in trusted
         self._networks = tuple(ipaddress.ip_network(t, strict=False) for t in trusted if t != "*")
+        self._trust: dict[str, bool] = {}
 
     def is_trusted(self, host: str) -> bool:
-        if self._any:
-            return True
+        trusted = self._trust.get(host)
+        if trusted is None:
+            if len(self._trust) >= _MEMO_SIZE:
+                self._trust.clear()
+            trusted = self._trust[host] = self._any or self._judge(host)
+        return trusted
+
+    def _judge(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

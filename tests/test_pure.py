@@ -110,3 +110,17 @@ def test_client_address(trusted, peer, forwarded, expected):
     from openai_forward.clientaddr import ClientAddress
 
     assert ClientAddress(trusted)(_scope(peer, forwarded)) == expected
+
+
+def test_client_address_trust_is_remembered_but_stays_right():
+    """Trust is memoized per host (bounded); past the bound it is worked out afresh."""
+    from openai_forward.clientaddr import _MEMO_SIZE, ClientAddress
+
+    resolve = ClientAddress(("10.0.0.0/8",))
+    hosts = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(_MEMO_SIZE + 10)]
+    assert all(resolve.is_trusted(host) for host in hosts)
+    assert not resolve.is_trusted("192.0.2.1")
+    assert not resolve.is_trusted("not-an-address")
+    for _ in range(2):  # the second round is answered from the memo
+        assert resolve(_scope("10.0.0.1", "203.0.113.7")) == "203.0.113.7"
+        assert resolve(_scope("192.0.2.1", "203.0.113.7")) == "192.0.2.1"

@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
@@ -52,6 +52,8 @@ class ResponseCache:
         members_only: bool = False,
     ) -> None:
         self.store = store
+        # A store that writes at once (MEMORY) is written to directly, without a task.
+        self._put: Callable[[bytes, bytes], None] | None = getattr(store, "put", None)
         self._kinds = kinds
         self._read_by_default = read_by_default
         self._ttl = ttl
@@ -129,7 +131,9 @@ class ResponseCache:
     def _settle(
         self, key: bytes, flight: asyncio.Future[bytes | None] | None, answer: bytes | None
     ) -> None:
-        if answer is not None and len(self._writing) < MAX_PENDING_WRITES:
+        if answer is not None and self._put is not None:
+            self._put(key, pack(answer, self._ttl))
+        elif answer is not None and len(self._writing) < MAX_PENDING_WRITES:
             self._writing[key] = answer
             self._spawn(self._write(key, answer))
         if flight is not None:

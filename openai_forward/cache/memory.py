@@ -34,6 +34,10 @@ class MemoryStore:
         return value
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
+        self.put(key, value)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """``set`` without the coroutine: the cache calls this directly (no task per write)."""
         self._remove(key)
         cost = len(key) + len(value)
         if cost > self.max_bytes // 4:
