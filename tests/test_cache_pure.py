@@ -123,6 +123,20 @@ def test_tool_call_stream_assembles_tool_calls():
     assert answer["choices"][0]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda event: b"event: message\n" + event,  # a named event: two lines
+        lambda event: event.replace(b"data: ", b"data:"),  # no space after the colon
+        lambda event: event.replace(b'","', b'",\ndata: "', 1),  # data split over two lines
+        lambda event: b"id: 7\r\n" + event.replace(b"\n\n", b"\r\n\r\n"),
+    ],
+)
+def test_stream_spellings_assemble_alike(spell):
+    events = [event + b"\n\n" for event in TEXT_STREAM.split(b"\n\n") if event]
+    assert chat_from_sse(b"".join(spell(event) for event in events)) == chat_from_sse(TEXT_STREAM)
+
+
 def test_several_choices_and_crlf_terminators():
     body = sse(
         _chunk("c3", "m", {"role": "assistant", "content": "a"}, index=0),

@@ -43,17 +43,23 @@ def embedding_from_json(body: bytes) -> bytes | None:
 
 def _stream_data(body: bytes) -> tuple[list[bytes], bool]:
     """The ``data`` of every event before ``data: [DONE]``, and whether ``[DONE]`` came."""
-    # "data: {...}\n\n" events split at C speed; unusual line ends by the general splitter.
-    events = EventSplitter().feed(body) if b"\r" in body else body.split(b"\n\n")
+    if b"\r" in body:
+        events = EventSplitter().feed(body)
+        lines_only = False
+    else:
+        events = body.split(b"\n\n")
+        # Each separator holds two of the newlines: if that is all of them, every event is one
+        # line, and a "data: " event's data is the rest of its line (the usual case, by far).
+        lines_only = body.count(b"\n") == 2 * (len(events) - 1)
     datas: list[bytes] = []
     for event in events:
-        if event.startswith(b"data: ") and b"\n" not in event.rstrip(b"\r\n"):
-            data: bytes | None = event[6:].rstrip(b"\r\n")
+        if lines_only and event[:6] == b"data: ":
+            data: bytes | None = event[6:]
         else:
             data = event_data(event)
         if data is None:
             continue
-        if data.strip() == b"[DONE]":
+        if data[:1] != b"{" and data.strip() == b"[DONE]":
             return datas, True
         datas.append(data)
     return datas, False
@@ -73,12 +79,14 @@ def chat_from_sse(body: bytes) -> bytes | None:
         chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
     except orjson.JSONDecodeError:
         return None
+    missing = list(_HEAD_FIELDS)  # head fields not seen yet: most come with the first chunk
     for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
             return None
-        for name in _HEAD_FIELDS:
-            if name not in head and chunk.get(name) is not None:
+        if missing:
+            for name in [name for name in missing if chunk.get(name) is not None]:
                 head[name] = chunk[name]
+                missing.remove(name)
         if chunk.get("usage"):
             usage = chunk["usage"]
         for part in chunk.get("choices") or ():
