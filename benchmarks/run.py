@@ -777,18 +777,13 @@ def build_targets(args: argparse.Namespace, upstream: str) -> tuple[list[Target]
             f"python -m venv {args.orig_venv} && "
             f"{args.orig_venv}/bin/pip install openai-forward==0.8.1 pyyaml redis"
         )
-    if "floor" in wanted:
-        floor_cmd = (
-            sys.executable,
-            str(HERE / "floor_forwarder.py"),
-            "--port",
-            "{port}",
-            "--host",
-            "{host}",
-        )
-        targets.append(
-            Target("floor", "floor", FEATURES_BY_NAME["bare"], floor_cmd, ours_base_env(upstream))
-        )
+    # floor: the least forwarder on this stack; floor-raw: the same with aiohttp replaced by a
+    # bare asyncio + httptools client (what the upstream client costs).
+    for kind, script in (("floor", "floor_forwarder.py"), ("floor-raw", "floor_raw_forwarder.py")):
+        if kind in wanted:
+            command = (sys.executable, str(HERE / script), "--port", "{port}", "--host", "{host}")
+            bare = FEATURES_BY_NAME["bare"]
+            targets.append(Target(kind, "floor", bare, command, ours_base_env(upstream)))
     for feature in features:
         if feature.needs_redis and not redis_reachable():
             print(f"-- feature {feature.name}: no Redis on {REDIS_ADDRESS}: skipped")
@@ -824,7 +819,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="direct,floor,ours,orig",
-        help="comma list of direct, floor (a minimal forwarder on the same stack), ours, orig",
+        help="comma list of direct, floor (a minimal forwarder on the same stack), floor-raw (the "
+        "floor without aiohttp), ours, orig",
     )
     parser.add_argument(
         "--features",
