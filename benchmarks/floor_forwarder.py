@@ -53,13 +53,14 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b""})
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(asgi_app: Any, description: str | None) -> None:
+    """``--host``/``--port`` and uvicorn with uvloop and httptools (shared by both floors)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     args = parser.parse_args()
     uvicorn.run(
-        app,
+        asgi_app,
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -67,3 +68,7 @@ if __name__ == "__main__":
         access_log=False,
         log_level="warning",
     )
+
+
+if __name__ == "__main__":
+    main(app, __doc__)

@@ -15,7 +15,6 @@ decompression, and a client that hangs up mid-stream leaks its upstream connecti
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -25,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
-import uvicorn
 
 BASE = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:9000").rstrip("/")
 SMALL_BODY = 256 * 1024  # whole-body future at or below this Content-Length
@@ -318,16 +316,6 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9100)
-    args = parser.parse_args()
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-    )
+    from floor_forwarder import main
+
+    main(app, __doc__)
