@@ -15,6 +15,9 @@ from openai_forward.upstream import Upstream
 
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
+# Answers that never have a body, whatever length their headers give (a 304's Content-Length is
+# that of the representation it stands for): relayed with no body and no Content-Length.
+NO_BODY_STATUS = frozenset({204, 304})
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
@@ -39,11 +42,18 @@ async def relay(
         headers = [h for h in headers if h[0] != b"cache-control"]
         headers += _STREAM_HEADERS
     headers += extra_headers
+    status = response.status
+    if status in NO_BODY_STATUS:
+        headers = [h for h in headers if h[0] != b"content-length"]
     for observer in observers:
-        observer.start(response.status, headers)
+        observer.start(status, headers)
     complete = False
     try:
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if status in NO_BODY_STATUS:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
+            return
         length = response.content_length
         if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
             body = await upstream.read_body(response)

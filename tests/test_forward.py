@@ -426,6 +426,49 @@ async def test_general_target_gets_other_headers_but_not_hop_by_hop(proxy_factor
         assert name not in headers
 
 
+@pytest.mark.parametrize("status", [204, 304])
+async def test_bodiless_status_with_a_length_is_relayed_cleanly(proxy_factory, status: int):
+    """A 304 may carry the Content-Length of what it stands for (a 204 should not, but some
+    servers do): the client gets the status with no body, and the connection stays usable."""
+    requests = 0
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        writers.append(writer)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                requests += 1
+                writer.write(b'HTTP/1.1 %d X\r\nContent-Length: 10\r\nETag: "v1"\r\n\r\n' % status)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = proxy_factory(
+        OPENAI_BASE_URL="http://127.0.0.1:9",
+        EXTRA_BASE_URL=f"http://127.0.0.1:{port}",
+        EXTRA_ROUTE_PREFIX="/x",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=5) as client:
+            for _ in range(2):  # the second request reuses the client's connection
+                response = await client.get("/x/file", headers={"If-None-Match": '"v1"'})
+                assert response.status_code == status
+                assert response.content == b""
+                assert response.headers["etag"] == '"v1"'
+                assert "content-length" not in response.headers
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+    assert requests == 2
+
+
 async def test_cors_preflight_and_origin(proxy_factory, upstream):
     proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, CORS_ALLOW_ORIGINS="https://chat.example")
     async with httpx.AsyncClient(base_url=proxy.url) as client:
