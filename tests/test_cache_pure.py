@@ -137,6 +137,27 @@ def test_stream_spellings_assemble_alike(spell):
     assert chat_from_sse(b"".join(spell(event) for event in events)) == chat_from_sse(TEXT_STREAM)
 
 
+def test_long_stream_with_logprobs_assembles_every_piece():
+    """Thousands of deltas: every text piece and every logprob kept, in order."""
+    words = [f"w{i} " for i in range(3000)]
+
+    def event(i: int, word: str) -> bytes:
+        choice = {
+            "index": 0,
+            "delta": {"content": word},
+            "logprobs": {"content": [{"token": word, "logprob": -i}]},
+            "finish_reason": None,
+        }
+        return b"data: " + orjson.dumps({"id": "c9", "model": "m", "choices": [choice]}) + b"\n\n"
+
+    first = _chunk("c9", "m", {"role": "assistant", "content": None})  # null, then text
+    body = sse(first, *(event(i, w) for i, w in enumerate(words)), _chunk("c9", "m", {}, "stop"))
+    choice = orjson.loads(chat_from_sse(body) or b"null")["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "".join(words)}
+    assert [item["token"] for item in choice["logprobs"]["content"]] == words
+    assert choice["finish_reason"] == "stop"
+
+
 def test_several_choices_and_crlf_terminators():
     body = sse(
         _chunk("c3", "m", {"role": "assistant", "content": "a"}, index=0),
@@ -175,6 +196,14 @@ def test_broken_streams_are_never_stored(body: bytes):
         (b"[1, 2]", chat_from_json, False),
         (b'{"object":"list","data":[{"embedding":[0.1]}]}', embedding_from_json, True),
         (b'{"object":"list"}', embedding_from_json, False),
+        # the list key only past the first 512 bytes: parsed, and judged the same way
+        (b'{"id":"' + b"x" * 600 + b'","choices":[]}', chat_from_json, True),
+        (b'{"id":"' + b"x" * 600 + b'","choices":[],"error":{}}', chat_from_json, False),
+        (
+            b'{"object":"list","data":[{"embedding":[' + b"0.5," * 40000 + b"1]}]}\n",
+            embedding_from_json,
+            True,
+        ),
     ],
 )
 def test_json_answers_stored_verbatim_only_when_whole(body, builder, stored):

@@ -8,6 +8,7 @@ an SDK reassembles into the same message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -20,7 +21,26 @@ _ORDERED = ("content", "refusal")
 _SPECIAL = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
 
 
+_HEAD_BYTES = 512
+_LIST_KEY = {name: re.compile(rb'"%s"\s*:\s*\[' % name.encode()) for name in ("choices", "data")}
+
+
 def _document(body: bytes, list_field: str) -> bool:
+    """Whether a whole 2xx body is the expected document (never an error document).
+
+    Parsing a large answer (an embedding batch runs to megabytes) would stall the event loop, so
+    a body that opens and closes as an object, with the list field as a key and no ``"error"``
+    near its start, is taken as it is; anything less plain is parsed to be sure. (Inside a JSON
+    string every quote is escaped, so those byte patterns can only be keys.)
+    """
+    head = body[:_HEAD_BYTES]
+    if (
+        head.lstrip()[:1] == b"{"
+        and body.rstrip()[-1:] == b"}"
+        and b'"error"' not in head
+        and _LIST_KEY[list_field].search(head) is not None
+    ):
+        return True
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -112,13 +132,17 @@ def chat_from_sse(body: bytes) -> bytes | None:
     return orjson.dumps(answer)
 
 
-class _Choice:
-    """One choice's deltas, accumulated."""
+_TEXT = object()  # stands in the message for a text field whose pieces are in ``texts``
 
-    __slots__ = ("finish_reason", "logprobs", "message", "tools")
+
+class _Choice:
+    """One choice's deltas, accumulated (text pieces in lists, joined once at the end)."""
+
+    __slots__ = ("finish_reason", "logprobs", "message", "texts", "tools")
 
     def __init__(self) -> None:
         self.message: dict[str, Any] = {}
+        self.texts: dict[str, list[str]] = {}
         self.tools: dict[int, dict[str, Any]] = {}
         self.finish_reason: Any = None
         self.logprobs: dict[str, Any] | None = None
@@ -133,10 +157,16 @@ class _Choice:
             elif name == "role":
                 if value:  # some servers repeat the role in every chunk
                     self.message["role"] = value
-            elif isinstance(value, str) and isinstance(self.message.get(name), str):
-                self.message[name] += value
+            elif isinstance(value, str):
+                texts = self.texts.get(name)
+                if texts is None:
+                    self.texts[name] = [value]
+                    self.message[name] = _TEXT
+                else:
+                    texts.append(value)
             elif value is not None or name not in self.message:
                 self.message[name] = value
+                self.texts.pop(name, None)
         if part.get("finish_reason") is not None:
             self.finish_reason = part["finish_reason"]
         logprobs = part.get("logprobs")
@@ -145,7 +175,11 @@ class _Choice:
                 self.logprobs = {}
             for name, items in logprobs.items():
                 if isinstance(items, list):
-                    self.logprobs[name] = (self.logprobs.get(name) or []) + items
+                    held = self.logprobs.get(name)
+                    if isinstance(held, list):
+                        held.extend(items)
+                    else:
+                        self.logprobs[name] = list(items)
                 else:
                     self.logprobs.setdefault(name, items)
 
@@ -159,7 +193,9 @@ class _Choice:
 
     def finish(self, index: int) -> dict[str, Any]:
         message = {"role": self.message.get("role") or "assistant", "content": None}
-        message.update((k, v) for k, v in self.message.items() if k != "role")
+        for name, value in self.message.items():
+            if name != "role":
+                message[name] = "".join(self.texts[name]) if value is _TEXT else value
         if self.tools:
             message["tool_calls"] = [self.tools[i] for i in sorted(self.tools)]
         return {
