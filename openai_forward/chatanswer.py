@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from openai_forward.exchange import CallKind
-from openai_forward.sse import EventSplitter, event_data
+from openai_forward.sse import EventSplitter, event_data, parse_plain_stream
 
 ERROR_TEXT_LIMIT = 2000
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -140,7 +140,7 @@ def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bo
 def read_stream(head: bytes, tail: bytes, kind: CallKind) -> Answer:
     """An answer assembled from a stream body (``tail``: see :func:`stream_payloads`)."""
     answer = Answer()
-    chunks = None if tail else _parse_plain_stream(head)
+    chunks = None if tail else parse_plain_stream(head)
     if chunks is None:
         chunks = _parse_each(stream_payloads(head, tail), answer)
     text: list[str] | None = None
@@ -174,30 +174,6 @@ def read_stream(head: bytes, tail: bytes, kind: CallKind) -> Answer:
                         continue
         _add_object(answer, kind, chunk, stream=True)
     return answer
-
-
-def _parse_plain_stream(body: bytes) -> list[Any] | None:
-    """The usual stream, nothing but one-line ``data: {...}`` events, parsed as one JSON array
-    made by replacing the event boundaries with commas (a raw newline cannot occur inside JSON,
-    so the boundaries are unambiguous). None when the body is anything else."""
-    if not body.startswith(b"data: "):
-        return None
-    body = body.rstrip()
-    if body.endswith(b"data: [DONE]"):
-        body = body[: -len(b"data: [DONE]")].rstrip()
-        if not body:
-            return []
-    inner = body[6:]
-    array = b"[" + inner.replace(b"\n\ndata: ", b",") + b"]"
-    if b"\n" in array or b"\r" in array:
-        return None
-    try:
-        parsed = orjson.loads(array)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(parsed, list) or len(parsed) != inner.count(b"\n\ndata: ") + 1:
-        return None
-    return parsed
 
 
 def _parse_each(payloads: list[bytes], answer: Answer) -> list[Any]:

@@ -6,6 +6,9 @@ No I/O. Events keep their exact bytes (terminator included) so a relay can pass 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+import orjson
 
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -40,3 +43,27 @@ def event_data(event: bytes) -> bytes | None:
             value = line[6:] if line[5:6] == b" " else line[5:]
             data = value if data is None else data + b"\n" + value
     return data
+
+
+def parse_plain_stream(body: bytes) -> list[Any] | None:
+    """The usual stream, nothing but one-line ``data: {...}`` events, parsed as one JSON array
+    made by replacing the event boundaries with commas (a raw newline cannot occur inside JSON,
+    so the boundaries are unambiguous). None when the body is anything else."""
+    if not body.startswith(b"data: "):
+        return None
+    body = body.rstrip()
+    if body.endswith(b"data: [DONE]"):
+        body = body[: -len(b"data: [DONE]")].rstrip()
+        if not body:
+            return []
+    inner = body[6:]
+    array = b"[" + inner.replace(b"\n\ndata: ", b",") + b"]"
+    if b"\n" in array or b"\r" in array:
+        return None
+    try:
+        parsed = orjson.loads(array)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, list) or len(parsed) != inner.count(b"\n\ndata: ") + 1:
+        return None
+    return parsed

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.sse import EventSplitter, event_data
+from openai_forward.sse import EventSplitter, event_data, parse_plain_stream
 
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 # Message fields rendered as deltas of their own, in this order, before any other field.
@@ -91,14 +91,18 @@ def chat_from_sse(body: bytes) -> bytes | None:
     head: dict[str, Any] = {}
     choices: dict[int, _Choice] = {}
     usage = None
-    datas, done = _stream_data(body)
-    if not done:
-        return None
-    try:
-        # One parse of all events as a JSON array: far cheaper than one parse per event.
-        chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
-    except orjson.JSONDecodeError:
-        return None
+    # The usual stream (one-line events, ending in [DONE]) is parsed in one go; any other
+    # shape is split into events first. Either way one parse of all events as a JSON array:
+    # far cheaper than one parse per event.
+    chunks = parse_plain_stream(body) if body.rstrip().endswith(b"\ndata: [DONE]") else None
+    if chunks is None:
+        datas, done = _stream_data(body)
+        if not done:
+            return None
+        try:
+            chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
+        except orjson.JSONDecodeError:
+            return None
     missing = list(_HEAD_FIELDS)  # head fields not seen yet: most come with the first chunk
     for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
@@ -110,12 +114,14 @@ def chat_from_sse(body: bytes) -> bytes | None:
         if chunk.get("usage"):
             usage = chunk["usage"]
         for part in chunk.get("choices") or ():
+            if not isinstance(part, dict):
+                return None
             index = part.get("index", 0)
             choice = choices.get(index)
             if choice is None:
                 choice = choices[index] = _Choice()
             choice.add(part)
-    if not done or not choices:
+    if not choices:
         return None
     answer: dict[str, Any] = {
         "id": head.get("id", ""),
