@@ -14,7 +14,6 @@ import argparse
 import os
 from typing import Any
 
-import aiohttp
 import uvicorn
 
 BASE = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:9000").rstrip("/")
@@ -26,6 +25,8 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                import aiohttp  # here, so that floor_raw_forwarder (sharing main) never loads it
+
                 state["session"] = aiohttp.ClientSession(auto_decompress=False)
                 await send({"type": "lifespan.startup.complete"})
             else:

@@ -312,7 +312,12 @@ class Server:
 
 
 def start_server(
-    name: str, command: Sequence[str], env: dict[str, str], core: int, plan: Plan
+    name: str,
+    command: Sequence[str],
+    env: dict[str, str],
+    core: int,
+    plan: Plan,
+    ready_within: float = 30,
 ) -> Server:
     """Start a server in a fresh temp dir (so no stray .env is read) and wait until it serves."""
     port = free_port()
@@ -329,7 +334,7 @@ def start_server(
             stderr=subprocess.STDOUT,
         )
     server = Server(name, process, port, workdir, log)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = server.log_tail()
@@ -342,7 +347,7 @@ def start_server(
         time.sleep(0.1)
     tail = server.log_tail()
     server.stop()
-    raise PhaseFailed(f"{name} did not answer GET /healthz within 30 s:\n{tail}")
+    raise PhaseFailed(f"{name} did not answer GET /healthz within {ready_within:g} s:\n{tail}")
 
 
 # --------------------------------------------------------------------------------------------
