@@ -75,38 +75,35 @@ class Feature:
     note: str = ""
 
 
+# Limits on chat and embeddings plus a global one, in our format and in the original's.
+OURS_LIMITS = {
+    "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: HUGE_LIMIT, EMBEDDINGS_PATH: HUGE_LIMIT}),
+    "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
+}
+ORIG_LIMITS = {
+    "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: [{"level": 0, "limit": HUGE_LIMIT}]}),
+    "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
+}
+REDIS_BACKEND = {"REQ_RATE_LIMIT_BACKEND": "{redis_url}"}
+CACHE_ON = {"CACHE_CHAT_COMPLETION": "true", "CACHE_BACKEND": "MEMORY"}
+
 FEATURES: tuple[Feature, ...] = (
     Feature("bare", {}, {}),
     Feature(
         "ratelimit-memory",
-        {
-            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: HUGE_LIMIT, EMBEDDINGS_PATH: HUGE_LIMIT}),
-            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
-            "REQ_RATE_LIMIT_BACKEND": "memory://",
-        },
-        {
-            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: [{"level": 0, "limit": HUGE_LIMIT}]}),
-            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
-        },
+        {**OURS_LIMITS, "REQ_RATE_LIMIT_BACKEND": "memory://"},
+        ORIG_LIMITS,
     ),
     Feature(
         "ratelimit-redis",
-        {
-            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: HUGE_LIMIT, EMBEDDINGS_PATH: HUGE_LIMIT}),
-            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
-            "REQ_RATE_LIMIT_BACKEND": "{redis_url}",
-        },
-        {
-            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: [{"level": 0, "limit": HUGE_LIMIT}]}),
-            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
-            "REQ_RATE_LIMIT_BACKEND": "{redis_url}",
-        },
+        {**OURS_LIMITS, **REDIS_BACKEND},
+        {**ORIG_LIMITS, **REDIS_BACKEND},
         needs_redis=True,
         note="orig needs the redis package in its venv",
     ),
     Feature(
         "cache-miss",
-        {"CACHE_CHAT_COMPLETION": "true", "CACHE_BACKEND": "MEMORY"},
+        CACHE_ON,
         # The original only parses (and so caches) chat bodies when it also logs them.
         {"CACHE_OPENAI": "true", "CACHE_BACKEND": "MEMORY", "LOG_OPENAI": "true"},
         body="vary",
@@ -114,7 +111,7 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "cache-hit",
-        {"CACHE_CHAT_COMPLETION": "true", "CACHE_BACKEND": "MEMORY"},
+        CACHE_ON,
         # The original sleeps 1-2 s, blocking its event loop, on every non-stream hit.
         None,
         body="cached",
@@ -123,14 +120,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("log-chat", {"LOG_CHAT": "true"}, {"LOG_OPENAI": "true"}),
     Feature(
         "together",
-        {
-            "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: HUGE_LIMIT, EMBEDDINGS_PATH: HUGE_LIMIT}),
-            "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
-            "REQ_RATE_LIMIT_BACKEND": "{redis_url}",
-            "CACHE_CHAT_COMPLETION": "true",
-            "CACHE_BACKEND": "MEMORY",
-            "LOG_CHAT": "true",
-        },
+        {**OURS_LIMITS, **REDIS_BACKEND, **CACHE_ON, "LOG_CHAT": "true"},
         None,
         body="vary",
         needs_redis=True,
