@@ -772,8 +772,8 @@ def build_targets(args: argparse.Namespace, upstream: str) -> tuple[list[Target]
             f"python -m venv {args.orig_venv} && "
             f"{args.orig_venv}/bin/pip install openai-forward==0.8.1 pyyaml redis"
         )
-    # floor: the least forwarder on this stack; floor-raw: the same with aiohttp replaced by a
-    # bare asyncio + httptools client (what the upstream client costs).
+    # floor: the least forwarder on this stack with aiohttp; floor-raw: the same with our own
+    # upstream client (openai_forward.h1) instead.
     for kind, script in (("floor", "floor_forwarder.py"), ("floor-raw", "floor_raw_forwarder.py")):
         if kind in wanted:
             command = (sys.executable, str(HERE / script), "--port", "{port}", "--host", "{host}")
@@ -815,7 +815,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--targets",
         default="direct,floor,ours,orig",
         help="comma list of direct, floor (a minimal forwarder on the same stack), floor-raw (the "
-        "floor without aiohttp), ours, orig",
+        "floor with our own client instead of aiohttp), ours, orig",
     )
     parser.add_argument(
         "--features",

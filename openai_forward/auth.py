@@ -19,7 +19,7 @@ class KeyPool:
     """Real upstream keys used in turn; a key the upstream refused sits out a cool-down."""
 
     def __init__(self, keys: Sequence[Secret], clock=time.monotonic) -> None:
-        self._headers = [f"Bearer {k.reveal()}" for k in keys]
+        self._headers = [f"Bearer {k.reveal()}".encode("latin-1") for k in keys]
         self._free_at = [0.0] * len(keys)
         self._next = 0
         self._clock = clock
@@ -38,7 +38,7 @@ class KeyPool:
                 return index
         return min(range(count), key=self._free_at.__getitem__)
 
-    def header(self, index: int) -> str:
+    def header(self, index: int) -> bytes:
         return self._headers[index]
 
     def bench(self, index: int, seconds: float | None) -> None:

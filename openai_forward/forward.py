@@ -11,7 +11,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 
 from openai_forward.auth import KeyResolver
@@ -22,6 +21,7 @@ from openai_forward.clientaddr import ClientAddress
 from openai_forward.cors import Cors
 from openai_forward.errors import ProxyError, send_error
 from openai_forward.exchange import Call, Observer, call_kind
+from openai_forward.h1 import Response
 from openai_forward.headers import read_request_head
 from openai_forward.paths import is_safe_rest
 from openai_forward.ratelimit import RequestLimiter
@@ -173,12 +173,12 @@ class Forwarder:
                         extra = [*cors, *ticket.headers]
                 body = call.body
 
-        url = self.upstream.url(rest, scope["query_string"])
+        target = self.upstream.target(rest, scope["query_string"])
         guard = DisconnectGuard(receive) if isinstance(body, bytes) else None
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         started = False
         try:
-            response = await self.upstream.send(scope["method"], url, head.upstream, body, creds)
+            response = await self.upstream.send(scope["method"], target, head.upstream, body, creds)
             started = True
             await relay(
                 send,
@@ -215,7 +215,7 @@ class Forwarder:
                 for observer in observers:
                     observer.close(False)
             if response is not None:
-                response.close() if not response.content.is_eof() else response.release()
+                response.release()
 
     def _interval(self, route: str) -> float | None:
         interval = self._pacing.get(route)

@@ -19,7 +19,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Never copied toward any upstream: the client library (aiohttp) sets what it must.
+# Never copied toward any upstream: the client (h1.py) sets what it must.
 _NOT_UPSTREAM = HOP_BY_HOP | {b"host", b"cookie", b"accept-encoding", b"content-length", b"expect"}
 # The only headers an openai-type provider sees (plus ``openai-*``).
 _OPENAI_ALLOWED = frozenset({b"content-type", b"accept", b"authorization"})
@@ -31,7 +31,7 @@ _NOT_DOWNSTREAM = HOP_BY_HOP | {b"set-cookie", b"date", b"server"}
 class RequestHead:
     """What the forwarder needs from the client's headers, gathered in one pass."""
 
-    upstream: list[tuple[str, str]]
+    upstream: list[tuple[bytes, bytes]]
     authorization: str | None = None
     content_length: int | None = None
     content_type: bytes | None = None
@@ -62,9 +62,9 @@ def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> 
             head.content_type = value
         if openai_type:
             if name in _OPENAI_ALLOWED or name.startswith(b"openai-"):
-                keep((name.decode("latin-1"), value.decode("latin-1")))
+                keep((name, value))
         elif name not in _NOT_UPSTREAM and not name.startswith(b"proxy-"):
-            keep((name.decode("latin-1"), value.decode("latin-1")))
+            keep((name, value))
     return head
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import aiohttp
-
 from openai_forward.exchange import Observer
+from openai_forward.h1 import Response
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
@@ -21,14 +20,15 @@ NO_BODY_STATUS = frozenset({204, 304})
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    return response.headers.get("Content-Type", "").startswith("text/event-stream")
+def is_event_stream(response: Response) -> bool:
+    content_type = response.header(b"content-type")
+    return content_type is not None and content_type.startswith(b"text/event-stream")
 
 
 async def relay(
     send: Send,
     upstream: Upstream,
-    response: aiohttp.ClientResponse,
+    response: Response,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
     *,
     interval: float | None = None,
@@ -65,13 +65,12 @@ async def relay(
         if streaming and interval:
             await _relay_paced(send, upstream, response, interval, observers)
         else:
-            content = response.content
             async for chunk in upstream.iter_body(response):
                 for observer in observers:
                     observer.feed(chunk)
                 # The upstream's end of body often comes in the same read as its last chunk:
                 # then finish the client's response with that chunk, one write instead of two.
-                last = content.at_eof()
+                last = response.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if last:
                     complete = True
@@ -86,7 +85,7 @@ async def relay(
 async def _relay_paced(
     send: Send,
     upstream: Upstream,
-    response: aiohttp.ClientResponse,
+    response: Response,
     interval: float,
     observers: Sequence[Observer],
 ) -> None:

@@ -1,6 +1,6 @@
-"""The upstream client: one pooled aiohttp session per target, retries, timeouts.
+"""One target's upstream: its connection pool (:mod:`openai_forward.h1`), keys and retries.
 
-This is the one module that catches aiohttp's exceptions; everything above sees
+This is the one module that catches the client's exceptions; everything above sees
 :class:`UpstreamError` / :class:`UpstreamTimeout` (answered as 502 / 504) or
 :class:`UpstreamBroken` (a body that broke off after the response had started).
 """
@@ -13,11 +13,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
-import aiohttp
-from yarl import URL
-
+from openai_forward import h1
 from openai_forward.auth import Credentials, KeyPool
-from openai_forward.body import StreamedBody
+from openai_forward.body import BodyTooLarge, StreamedBody
 from openai_forward.errors import ProxyError
 
 logger = logging.getLogger("openai_forward.upstream")
@@ -61,7 +59,7 @@ def retry_after(value: str | None) -> float | None:
 
 
 class Upstream:
-    """All traffic to one target's base URL goes through one pooled session."""
+    """All traffic to one target's base URL goes through one connection pool."""
 
     def __init__(
         self,
@@ -74,83 +72,67 @@ class Upstream:
         proxy: str | None = None,
     ) -> None:
         self.base_url = base_url
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
-        )
+        self._origin = h1.Origin(base_url, proxy)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._max_retries = max_retries
         self._pool = pool
-        self._proxy = proxy
-        self._session: aiohttp.ClientSession | None = None
+        self._conns: h1.Pool | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            trust_env=False,
-        )
+        self._conns = h1.Pool(self._origin, self._connect_timeout, self._read_timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._conns is not None:
+            self._conns.close()
+            self._conns = None
 
-    def url(self, rest: bytes, query: bytes) -> URL:
-        raw = self.base_url + rest.decode("latin-1")
-        if query:
-            raw += "?" + query.decode("latin-1")
-        return URL(raw, encoded=True)
+    @staticmethod
+    def target(rest: bytes, query: bytes) -> bytes:
+        """The request target below the base URL's path (both already percent-encoded)."""
+        return rest + b"?" + query if query else rest
 
     async def send(
         self,
         method: str,
-        url: URL,
-        headers: Sequence[tuple[str, str]],
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
         body: bytes | StreamedBody,
         creds: Credentials,
-    ) -> aiohttp.ClientResponse:
+    ) -> h1.Response:
         """Send one request, retrying what can be retried (SPEC §6). Returns the response with
-        its headers read and its body unread; the caller must release it."""
-        assert self._session is not None, "Upstream.open() was not awaited"
+        its head read and its body unread; the caller must release it."""
+        conns = self._conns
+        assert conns is not None, "Upstream.open() was not awaited"
         pool = self._pool
         attempt = 0
         while True:
             key = pool.acquire() if creds.use_pool else None
             if key is not None:
-                sent_headers = [*headers, ("Authorization", pool.header(key))]
+                sent_headers = [*headers, (b"authorization", pool.header(key))]
             elif creds.authorization is not None:
-                sent_headers = [*headers, ("Authorization", creds.authorization)]
+                sent_headers = [*headers, (b"authorization", creds.authorization.encode("latin-1"))]
             else:
-                sent_headers = list(headers)
-            data = body.iterate() if isinstance(body, StreamedBody) else (body or None)
+                sent_headers = headers  # type: ignore[assignment]
+            data = body.iterate() if isinstance(body, StreamedBody) else body
             try:
-                response = await self._session.request(
-                    method,
-                    url,
-                    headers=sent_headers,
-                    data=data,
-                    allow_redirects=False,
-                    proxy=self._proxy,
-                )
-            except aiohttp.SocketTimeoutError as exc:
+                response = await conns.request(method, target, sent_headers, data)
+            except h1.ReadTimeout as exc:
                 # The upstream accepted the request and stayed silent for READ_TIMEOUT: waiting
                 # that long again would only double the client's wait.
                 raise UpstreamTimeout(
                     f"Upstream {self.base_url} sent no response within "
-                    f"{self._timeout.sock_read:g} seconds"
+                    f"{self._read_timeout:g} seconds"
                 ) from exc
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except BodyTooLarge as exc:
+                raise ProxyError(str(exc), 413) from exc
+            except h1.ClientError as exc:
                 failure = self._failure(exc)
-                if isinstance(body, StreamedBody) and body.too_large:
-                    raise ProxyError(body.too_large_message, 413) from exc
                 if attempt >= self._max_retries or not _replayable(body):
                     logger.warning("%s (after %d attempt(s))", failure.message, attempt + 1)
                     raise failure from exc
                 # A pooled connection the upstream had closed fails at once: retry it at once.
-                stale = attempt == 0 and isinstance(exc, aiohttp.ServerDisconnectedError)
+                stale = isinstance(exc, h1.Disconnected) and exc.stale
                 await asyncio.sleep(0 if stale else backoff(attempt))
                 attempt += 1
                 continue
@@ -158,7 +140,8 @@ class Upstream:
             status = response.status
             if status not in _RETRY_STATUS and status != 401:
                 return response
-            wait = retry_after(response.headers.get("Retry-After"))
+            after = response.header(b"retry-after")
+            wait = retry_after(after.decode("latin-1") if after is not None else None)
             if key is not None and status in (401, 429):
                 pool.bench(key, None if status == 401 else (wait or KEY_COOLDOWN_429))
                 if (
@@ -178,44 +161,28 @@ class Upstream:
             await asyncio.sleep(delay)
             attempt += 1
 
-    def _failure(self, exc: BaseException) -> ProxyError:
-        if isinstance(exc, asyncio.TimeoutError):
+    def _failure(self, exc: h1.ClientError) -> ProxyError:
+        if isinstance(exc, h1.ConnectTimeout):
             return UpstreamTimeout(
-                f"Upstream {self.base_url} timed out while connecting "
-                f"({self._timeout.sock_connect:g} s)"
+                f"Upstream {self.base_url} timed out while connecting ({self._connect_timeout:g} s)"
             )
-        reason = "unreachable" if isinstance(exc, aiohttp.ClientConnectorError) else "failed"
-        return UpstreamError(f"Upstream {self.base_url} {reason}: {_describe(exc)}")
+        reason = "unreachable" if isinstance(exc, h1.ConnectError) else "failed"
+        return UpstreamError(f"Upstream {self.base_url} {reason}: {exc}")
 
-    async def iter_body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def iter_body(self, response: h1.Response) -> AsyncIterator[bytes]:
         """The response body as it arrives; a break-off becomes :class:`UpstreamBroken`."""
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+        except h1.ClientError as exc:
+            raise UpstreamBroken(f"{self.base_url}: {exc}") from exc
 
-    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def read_body(self, response: h1.Response) -> bytes:
         try:
             return await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+        except h1.ClientError as exc:
+            raise UpstreamBroken(f"{self.base_url}: {exc}") from exc
 
 
 def _replayable(body: bytes | StreamedBody) -> bool:
     return not isinstance(body, StreamedBody) or not body.started
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason without anything from the request (no headers, so no key)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "response body broken off"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__

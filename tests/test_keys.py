@@ -118,5 +118,5 @@ def test_pool_rotation_bench_and_soonest_free():
     assert pool.acquire() == 0
     clock.now += 20
     assert [pool.acquire() for _ in range(2)] == [1, 0]
-    assert pool.header(1) == "Bearer b"
+    assert pool.header(1) == b"Bearer b"
     assert "b" not in repr(Secret("b"))
