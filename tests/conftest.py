@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -38,16 +39,18 @@ class Recorded:
 class RecordingUpstream:
     """An aiohttp server on 127.0.0.1 that records every request and answers by route."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
         self.requests: list[Recorded] = []
         self.handlers: dict[str, Handler] = {}
         self.closed_connections = 0
         self.port = 0
+        self._tls = tls
+        self._host = host  # the name in its URL (with TLS, the name its certificate is for)
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{self._host}:{self.port}"
 
     def route(self, path: str, handler: Handler) -> None:
         self.handlers[path] = handler
@@ -59,7 +62,7 @@ class RecordingUpstream:
             app, handle_signals=False, access_log=None, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
