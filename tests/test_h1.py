@@ -10,6 +10,7 @@ import contextlib
 import gc
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,27 +23,30 @@ from tests.conftest import RecordingUpstream
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class RawServer:
-    """A hand-written upstream on 127.0.0.1 that counts its connections."""
+class LocalServer:
+    """A hand-written server on 127.0.0.1 that counts its connections and closes them all when
+    it stops; ``handle`` does the talking."""
 
-    def __init__(self, handler: RawHandler) -> None:
-        self._handler = handler
+    def __init__(self) -> None:
         self.connections = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self.port = 0
 
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.append(writer)
         try:
-            await self._handler(reader, writer)
+            await self.handle(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    async def __aenter__(self) -> RawServer:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -52,66 +56,57 @@ class RawServer:
         self._server.close()
         for writer in self._writers:
             writer.close()
-        await self._server.wait_closed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-class ForwardProxy:
+class RawServer(LocalServer):
+    """An upstream that answers with whatever ``handler`` writes."""
+
+    def __init__(self, handler: RawHandler) -> None:
+        super().__init__()
+        self.handle = handler  # type: ignore[method-assign]
+
+
+class ForwardProxy(LocalServer):
     """A minimal HTTP proxy: CONNECT tunnels, and absolute-form requests relayed to their host.
     It records each request line and the Proxy-Authorization it was given."""
 
     def __init__(self, refuse: int | None = None) -> None:
+        super().__init__()
         self.lines: list[bytes] = []
         self.auth: list[bytes | None] = []
         self.refuse = refuse
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            line, *fields = head[:-4].split(b"\r\n")
-            self.lines.append(line)
-            auth = [f.split(b":", 1)[1].strip() for f in fields if f.lower().startswith(b"proxy-a")]
-            self.auth.append(auth[0] if auth else None)
-            if self.refuse is not None:
-                writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 0\r\n\r\n" % self.refuse)
-                await writer.drain()
-                return
-            method, target, _ = line.split(b" ")
-            if method == b"CONNECT":
-                host, port = target.rsplit(b":", 1)
-                up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
-                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                url = urlsplit(target.decode())
-                up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
-                origin_form = (url.path or "/") + (f"?{url.query}" if url.query else "")
-                kept = [f for f in fields if not f.lower().startswith(b"proxy-")]
-                up_writer.write(
-                    b"\r\n".join([b"%s %s HTTP/1.1" % (method, origin_form.encode()), *kept])
-                    + b"\r\n\r\n"
-                )
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> ForwardProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 2)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line, *fields = head[:-4].split(b"\r\n")
+        self.lines.append(line)
+        auth = [f.split(b":", 1)[1].strip() for f in fields if f.lower().startswith(b"proxy-a")]
+        self.auth.append(auth[0] if auth else None)
+        if self.refuse is not None:
+            writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 0\r\n\r\n" % self.refuse)
+            await writer.drain()
+            return
+        method, target, _ = line.split(b" ")
+        if method == b"CONNECT":
+            host, port = target.rsplit(b":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target.decode())
+            up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
+            origin_form = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            kept = [f for f in fields if not f.lower().startswith(b"proxy-")]
+            up_writer.write(
+                b"\r\n".join([b"%s %s HTTP/1.1" % (method, origin_form.encode()), *kept])
+                + b"\r\n\r\n"
+            )
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
