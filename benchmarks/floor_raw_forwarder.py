@@ -44,7 +44,7 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", ctype)],
             }
         )
-        async for chunk in r.chunks():
+        async for chunk in r:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:

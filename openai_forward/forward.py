@@ -43,22 +43,23 @@ class DisconnectGuard:
     """Cancels the request's task when the client hangs up, so the upstream request is aborted
     (uvicorn's ``send`` is silent after a disconnect).
 
-    The watcher task starts only once the request has run for :data:`WATCH_AFTER` seconds:
-    a task per request costs more CPU than the rest of the forwarding logic. It is never
-    cancelled: once the response is complete the server answers its ``receive()`` with
-    ``http.disconnect`` by itself, and ``stop()`` has made that a no-op by then.
+    The watcher task starts only once the request has run for one to two :data:`WATCH_AFTER`
+    periods (see :class:`Sweep`): a task per request costs more CPU than the rest of the
+    forwarding logic. It is never cancelled: once the response is complete the server answers
+    its ``receive()`` with ``http.disconnect`` by itself, and ``stop()`` has made that a no-op.
     """
 
-    __slots__ = ("_receive", "_stopped", "_task", "_timer", "gone")
+    __slots__ = ("_receive", "_stopped", "_sweep", "_task", "gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, sweep: Sweep) -> None:
         self.gone = False
         self._stopped = False
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._receive = receive
-        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._watch)
+        self._sweep = sweep
+        sweep.add(self)
 
     def _watch(self) -> None:
         watcher: asyncio.Task[Message] = asyncio.get_running_loop().create_task(
@@ -75,7 +76,39 @@ class DisconnectGuard:
 
     def stop(self) -> None:
         self._stopped = True
-        self._timer.cancel()
+        self._sweep.discard(self)
+
+
+class Sweep:
+    """One timer for all guards of a forwarder, instead of one per request (a timer made and
+    cancelled per request cost about 4 µs). Every :data:`WATCH_AFTER` seconds it starts the
+    watchers of the guards that were already there at the previous tick."""
+
+    __slots__ = ("_handle", "_old", "_young")
+
+    def __init__(self) -> None:
+        self._young: dict[DisconnectGuard, None] = {}
+        self._old: dict[DisconnectGuard, None] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, guard: DisconnectGuard) -> None:
+        self._young[guard] = None
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick)
+
+    def discard(self, guard: DisconnectGuard) -> None:
+        if guard in self._young:
+            del self._young[guard]
+        else:
+            self._old.pop(guard, None)
+
+    def _tick(self) -> None:
+        due, self._old, self._young = self._old, self._young, {}
+        for guard in due:
+            guard._watch()
+        self._handle = (
+            asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick) if self._old else None
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +150,7 @@ class Forwarder:
         self._cache = features.cache if self._openai else None
         self._chatlog = features.chatlog if self._openai else None
         self._inspects = self._cache is not None or self._chatlog is not None
+        self._sweep = Sweep()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, rest: bytes) -> None:
         if not is_safe_rest(rest):
@@ -174,7 +208,7 @@ class Forwarder:
                 body = call.body
 
         target = self.upstream.target(rest, scope["query_string"])
-        guard = DisconnectGuard(receive) if isinstance(body, bytes) else None
+        guard = DisconnectGuard(receive, self._sweep) if isinstance(body, bytes) else None
         response: Response | None = None
         started = False
         try:

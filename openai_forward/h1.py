@@ -31,10 +31,11 @@ import httptools
 
 # Streamed body bytes held for a slow reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
-LOW_WATER = HIGH_WATER // 4
 # An idle connection older than this is not reused (many servers drop theirs after 5-75 s).
 IDLE_EXPIRY = 15.0
 MAX_IDLE = 256  # idle connections kept per origin
+FRESH = 1.0  # a streamed upload only reuses a connection idle for less than this
+COPY_LIMIT = 64 * 1024  # request bodies up to this size are joined to the head: one write
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -164,25 +165,31 @@ class Response:
         """Whether the whole body has arrived and been handed on."""
         return self._done and not self._queue
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, one chunk per socket read (a read may hold several events)."""
-        while True:
-            while not self._queue:
-                if self._error is not None:
-                    raise self._error
-                if self._done:
-                    return
-                self._waiter = self._loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            chunk = self._queue.popleft()
-            self._queued -= len(chunk)
-            conn = self._conn
-            if conn is not None and conn.reading_paused and self._queued <= LOW_WATER:
-                conn.resume_reading()
-            yield chunk
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The body as it arrives: all that has come since the last call, as one chunk (a read
+        may hold several events). An iterator, not a generator: leaving the loop early leaves
+        nothing to finalize."""
+        queue = self._queue
+        while not queue:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._queued = 0
+        conn = self._conn
+        if conn is not None and conn.reading_paused:
+            conn.resume_reading()
+        return chunk
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -294,8 +301,8 @@ class Connection(asyncio.Protocol):
         response, self.response = self.response, None
         if response is None or response._done:
             return
-        if self._to_eof and response.status:
-            self._complete(response, keep=False)
+        if self._to_eof and response.status and exc is None:
+            self._complete(response, keep=False)  # a clean close ends such a body
             return
         if response.status:
             response._fail(Disconnected("response body broken off"))
@@ -314,6 +321,10 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     # httptools callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.response is None:  # a second response in the read that completed ours
+            self._fail(ProtocolError("data after the response"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.response.raw_headers.append((name.lower(), value))  # type: ignore[union-attr]
 
@@ -365,24 +376,26 @@ class Connection(asyncio.Protocol):
             self._complete(response, keep=self.parser.should_keep_alive())
 
     # exchange ------------------------------------------------------------------------------------
-    def start(self, head_and_body: bytes, head_only: bool) -> Response:
+    def start(self, head_only: bool) -> Response:
+        """A new exchange; the caller writes the request."""
         response = self.response = Response(self)
         self._head_only = head_only
         self._to_eof = False
         self._got_bytes = False
-        if head_and_body:
-            self.transport.write(head_and_body)
         return response
 
     def arm(self, timeout: float) -> None:
-        """Start the silence clock (after the request has been written)."""
+        """Start the silence clock (after the request has been written). The connection keeps
+        one timer while it is busy, re-armed from the last read when it fires: no timer is
+        made or cancelled per exchange."""
         self._last_read = self.loop.time()
-        self._timer = self.loop.call_at(self._last_read + timeout, self._check_silence, timeout)
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._last_read + timeout, self._check_silence, timeout)
 
     def _check_silence(self, timeout: float) -> None:
         self._timer = None
         if self.response is None or self.closed:
-            return
+            return  # idle: the next exchange arms a new timer
         now = self.loop.time()
         if self.reading_paused:  # a slow reader is not upstream silence
             self._timer = self.loop.call_at(now + timeout, self._check_silence, timeout)
@@ -399,7 +412,6 @@ class Connection(asyncio.Protocol):
             self._timer = None
 
     def _complete(self, response: Response, keep: bool) -> None:
-        self._cancel_timer()
         self.response = None
         response._done = True
         response._wake()
@@ -463,21 +475,23 @@ class Connection(asyncio.Protocol):
             raise ConnectError(f"proxy refused the tunnel ({int(parts[1])})")
 
     def _tunnel_data(self, data: bytes) -> None:
-        buffer = self._tunnel_buffer + data
-        end = buffer.find(b"\r\n\r\n")
         tunnel = self._tunnel
         assert tunnel is not None
+        if tunnel.done():
+            return
+        buffer = self._tunnel_buffer + data
+        end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > 16384:
                 tunnel.set_exception(ConnectError("proxy sent an invalid answer"))
             self._tunnel_buffer = buffer
             return
         self._tunnel_buffer = b""
-        if end + 4 != len(buffer):
+        status_line = buffer.split(b"\r\n", 1)[0]
+        if end + 4 != len(buffer) and status_line[9:10] == b"2":
             tunnel.set_exception(ConnectError("proxy sent data before the tunnel was open"))
             return
-        if not tunnel.done():
-            tunnel.set_result(buffer.split(b"\r\n", 1)[0])
+        tunnel.set_result(status_line)  # a refusal may come with a body: the status tells
 
 
 class Pool:
@@ -490,6 +504,7 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
+        self._closed = False
         self._ssl: ssl.SSLContext | None = None
         self._proxy_ssl: ssl.SSLContext | None = None
         if origin.tls or origin.proxy_tls:
@@ -505,7 +520,10 @@ class Pool:
         body: bytes | AsyncIterator[bytes],
     ) -> Response:
         """Send one request and return its response once the head has come."""
-        conn = self._take_idle()
+        whole = body if isinstance(body, bytes) else None
+        # A streamed body cannot be sent again, so it never risks a connection that the server
+        # may be closing for idleness (the retry of a stale connection needs the body again).
+        conn = self._take_idle(IDLE_EXPIRY if whole is not None else FRESH)
         if conn is None:
             conn = await self._connect()
         origin = self.origin
@@ -522,17 +540,22 @@ class Pool:
             parts += (name, b": ", value, b"\r\n")
         if origin.proxy_auth is not None and not origin.tls:
             parts += (b"Proxy-Authorization: ", origin.proxy_auth, b"\r\n")
-        streamed = not isinstance(body, bytes)
-        if streamed:
+        response = conn.start(method == "HEAD")
+        if whole is None:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            conn.transport.write(b"".join(parts))
         else:
-            if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-                parts.append(b"Content-Length: %d\r\n" % len(body))  # type: ignore[arg-type]
-            parts += (b"\r\n", body)  # type: ignore[arg-type]
-        response = conn.start(b"".join(parts), method == "HEAD")
+            if whole or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+                parts.append(b"Content-Length: %d\r\n" % len(whole))
+            parts.append(b"\r\n")
+            if len(whole) < COPY_LIMIT:  # one write, one segment on the wire
+                parts.append(whole)
+                conn.transport.write(b"".join(parts))
+            else:  # a large body is not copied
+                conn.transport.writelines((b"".join(parts), whole))
         try:
-            if streamed:
-                await self._upload(conn, response, body)  # type: ignore[arg-type]
+            if not isinstance(body, bytes):
+                await self._upload(conn, response, body)
             conn.arm(self.read_timeout)
             await response._head
         except BaseException:
@@ -545,7 +568,7 @@ class Pool:
     ) -> None:
         """Write a streamed body in chunked encoding; stop early if the upstream has answered
         (or failed) meanwhile, and then never reuse the connection."""
-        write = conn.transport.write
+        writelines = conn.transport.writelines
         conn.uploading = True
         try:
             async for chunk in body:
@@ -553,18 +576,24 @@ class Pool:
                     conn.reusable = False
                     return
                 if chunk:
-                    write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                     await conn.drain()
             if not conn.closed:
-                write(b"0\r\n\r\n")
+                conn.transport.write(b"0\r\n\r\n")
         finally:
             conn.uploading = False
 
-    def _take_idle(self) -> Connection | None:
+    def _take_idle(self, max_idle: float) -> Connection | None:
         idle = self._idle
         if not idle:
             return None
         expired = self.loop.time() - IDLE_EXPIRY
+        if idle[0].idle_since < expired:  # the least recently used ones are closed as they expire
+            for conn in idle:
+                if conn.idle_since < expired:
+                    conn.abort()
+            idle[:] = [conn for conn in idle if not conn.closed]
+        expired = self.loop.time() - max_idle
         while idle:
             conn = idle.pop()
             if conn.closed or conn.transport.is_closing():
@@ -620,7 +649,7 @@ class Pool:
         return conn
 
     def release(self, conn: Connection) -> None:
-        if len(self._idle) >= MAX_IDLE:
+        if self._closed or len(self._idle) >= MAX_IDLE:
             conn.abort()
             return
         conn.idle_since = self.loop.time()
@@ -631,6 +660,7 @@ class Pool:
         # The idle list is cleaned lazily by _take_idle (closed connections are skipped).
 
     def close(self) -> None:
+        self._closed = True
         for conn in list(self._all):
             conn.abort()
         self._all.clear()

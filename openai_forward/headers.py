@@ -69,10 +69,9 @@ def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> 
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's end-to-end headers, lower-cased for ASGI, without hop-by-hop ones."""
+    """The upstream's end-to-end headers without hop-by-hop ones (names come lower-cased)."""
     out = []
     for name, value in raw:
-        name = name.lower()
         if name not in _NOT_DOWNSTREAM and not name.startswith(b"access-control-"):
             out.append((name, value))
     return out

@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import Sequence
 
 from openai_forward.exchange import Observer
-from openai_forward.h1 import Response
+from openai_forward.h1 import ClientError, Response
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
-from openai_forward.upstream import Upstream
+from openai_forward.upstream import Upstream, UpstreamBroken
 
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -62,19 +62,22 @@ async def relay(
             await send({"type": "http.response.body", "body": body, "more_body": False})
             complete = True
             return
-        if streaming and interval:
-            await _relay_paced(send, upstream, response, interval, observers)
-        else:
-            async for chunk in upstream.iter_body(response):
-                for observer in observers:
-                    observer.feed(chunk)
-                # The upstream's end of body often comes in the same read as its last chunk:
-                # then finish the client's response with that chunk, one write instead of two.
-                last = response.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                if last:
-                    complete = True
-                    return
+        try:
+            if streaming and interval:
+                await _relay_paced(send, response, interval, observers)
+            else:
+                async for chunk in response:
+                    for observer in observers:
+                        observer.feed(chunk)
+                    # The upstream's end of body often comes in the same read as its last chunk:
+                    # then finish the client's response with that chunk, one write instead of two.
+                    last = response.at_eof()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    if last:
+                        complete = True
+                        return
+        except ClientError as exc:
+            raise UpstreamBroken(f"{upstream.base_url}: {exc}") from exc
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         complete = True
     finally:
@@ -84,7 +87,6 @@ async def relay(
 
 async def _relay_paced(
     send: Send,
-    upstream: Upstream,
     response: Response,
     interval: float,
     observers: Sequence[Observer],
@@ -105,7 +107,7 @@ async def _relay_paced(
         await send({"type": "http.response.body", "body": event, "more_body": True})
         next_at = loop.time() + interval
 
-    async for chunk in upstream.iter_body(response):
+    async for chunk in response:
         for observer in observers:
             observer.feed(chunk)
         for event in splitter.feed(chunk):

@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from openai_forward import h1
 from openai_forward.auth import Credentials, KeyPool
@@ -168,14 +168,6 @@ class Upstream:
             )
         reason = "unreachable" if isinstance(exc, h1.ConnectError) else "failed"
         return UpstreamError(f"Upstream {self.base_url} {reason}: {exc}")
-
-    async def iter_body(self, response: h1.Response) -> AsyncIterator[bytes]:
-        """The response body as it arrives; a break-off becomes :class:`UpstreamBroken`."""
-        try:
-            async for chunk in response.chunks():
-                yield chunk
-        except h1.ClientError as exc:
-            raise UpstreamBroken(f"{self.base_url}: {exc}") from exc
 
     async def read_body(self, response: h1.Response) -> bytes:
         try:

@@ -8,7 +8,9 @@ import asyncio
 import base64
 import contextlib
 import gc
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Self
 from urllib.parse import urlsplit
@@ -89,7 +91,7 @@ class ForwardProxy(LocalServer):
         auth = [f.split(b":", 1)[1].strip() for f in fields if f.lower().startswith(b"proxy-a")]
         self.auth.append(auth[0] if auth else None)
         if self.refuse is not None:
-            writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 0\r\n\r\n" % self.refuse)
+            writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 12\r\n\r\nauth needed\n" % self.refuse)
             await writer.drain()
             return
         method, target, _ = line.split(b" ")
@@ -261,6 +263,77 @@ async def test_body_ending_at_eof_is_relayed_whole(proxy_factory):
     assert server.connections == 2  # such a connection is never reused
 
 
+async def test_body_ending_at_eof_cut_by_a_reset_is_not_complete(proxy_factory):
+    async def answer(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial-bo")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    async with RawServer(answer) as server:
+        proxy = proxy_factory(**_extra(server))
+        async with (
+            httpx.AsyncClient(base_url=proxy.url, timeout=5) as client,
+            client.stream("GET", "/x/file") as response,
+        ):
+            assert response.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                await response.aread()
+
+
+async def test_bytes_after_a_response_do_not_poison_the_next_one(proxy_factory):
+    async def answer(reader, writer):
+        await _read_request(reader)
+        if server.connections == 1:  # a second, partial head after the answer
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 500 Oops\r\nX-J")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(answer) as server:
+        proxy = proxy_factory(**_extra(server, MAX_RETRIES=0))
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=5) as client:
+            first = await client.get("/x/a")
+            assert (first.status_code, first.content) == (200, b"ok")
+            second = await client.get("/x/a")
+            assert (second.status_code, second.content) == (200, b"second")
+            assert "x-j" not in second.headers
+    assert server.connections == 2
+
+
+async def test_streamed_upload_does_not_reuse_a_long_idle_connection(proxy_factory):
+    """A body too large to hold cannot be sent twice, so it does not risk a connection the
+    server may be closing for idleness."""
+    sizes: list[int] = []
+
+    async def answer(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = 0
+            if b"chunked" in head.lower():
+                while (length := int((await reader.readuntil(b"\r\n"))[:-2], 16)) > 0:
+                    size += len(await reader.readexactly(length + 2)) - 2
+                await reader.readuntil(b"\r\n")
+            sizes.append(size)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    big = b"u" * (3 * 1024 * 1024)
+    async with RawServer(answer) as server:
+        proxy = proxy_factory(**_extra(server))
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            assert (await client.get("/x/a")).status_code == 200
+            await asyncio.sleep(1.3)
+            assert (await client.post("/x/upload", content=big)).status_code == 200
+            assert (await client.get("/x/a")).status_code == 200
+    assert sizes == [0, len(big), 0]
+    assert server.connections == 2  # the upload opened a new one; the last GET reused a pooled one
+
+
 async def test_interim_100_head_is_dropped(proxy_factory):
     async def answer(reader, writer):
         while True:
@@ -361,7 +434,7 @@ async def test_slow_reader_pauses_the_upstream_socket():
             assert response._queued <= h1.HIGH_WATER + 256 * 1024
             assert written < size  # the server is blocked: nobody reads its socket
             received = 0
-            async for chunk in response.chunks():
+            async for chunk in response:
                 received += len(chunk)
             assert received == size
             assert response.at_eof()
@@ -381,7 +454,7 @@ async def test_silence_between_body_chunks_is_a_read_timeout():
         pool = h1.Pool(h1.Origin(server.url), connect_timeout=5, read_timeout=0.3)
         try:
             response = await pool.request("GET", b"/", [], b"")
-            chunks = response.chunks()
+            chunks = aiter(response)
             assert await anext(chunks) == b"hello"
             loop = asyncio.get_running_loop()
             started = loop.time()
