@@ -14,6 +14,8 @@ requests than in real use; the ``log-chat`` and ``together`` rows overstate that
 
     python benchmarks/count_instructions.py                       # bare and every feature
     python benchmarks/count_instructions.py --features bare,cache-miss -n 500
+    python benchmarks/count_instructions.py --features together --keep /tmp/cg   # then:
+    callgrind_annotate /tmp/cg/together.*   # where the instructions go, by function
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def send_requests(port: int, count: int, body: str, tag: str) -> None:
         conn.close()
 
 
-def count(feature: run.Feature, upstream: str, requests: int, redis_url: str) -> int:
+def count(
+    feature: run.Feature, upstream: str, requests: int, redis_url: str, keep: Path | None = None
+) -> int:
     """Instructions per request of our proxy with ``feature`` switched on."""
     out_dir = Path(tempfile.mkdtemp(prefix="callgrind-"))
     aifd = str(Path(sys.executable).parent / "aifd")
@@ -73,6 +77,10 @@ def count(feature: run.Feature, upstream: str, requests: int, redis_url: str) ->
         totals = [int(m) for path in dumps for m in TOTALS.findall(path.read_bytes())[:1]]
         if not totals:
             raise run.PhaseFailed(f"no callgrind dump in {out_dir}")
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in dumps:
+                shutil.copy(path, keep / f"{feature.name}.{path.name}")
         return sum(totals) // requests
     finally:
         server.stop()
@@ -84,6 +92,7 @@ def main() -> int:
     parser.add_argument("--features", default="all", help="comma list of FEATURES names, or all")
     parser.add_argument("-n", "--requests", type=int, default=1000, help="counted requests")
     parser.add_argument("--redis-db", type=int, default=12)
+    parser.add_argument("--keep", type=Path, help="copy the callgrind dumps to this folder")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is needed: apt-get install -y valgrind")
@@ -102,7 +111,8 @@ def main() -> int:
             if feature.needs_redis and not run.redis_reachable():
                 print(f"-- {name}: no Redis: skipped")
                 continue
-            per_request = count(feature, f"http://{HOST}:{mock.port}", args.requests, redis_url)
+            upstream = f"http://{HOST}:{mock.port}"
+            per_request = count(feature, upstream, args.requests, redis_url, args.keep)
             base = base or per_request
             added = f"{per_request - base:+,}" if name != "bare" else "-"
             rows.append([name, f"{per_request:,}", added, f"{per_request / base:.2f}"])

@@ -9,6 +9,7 @@ FastAPI's import alone costs 15 MiB of resident memory per worker; see the READM
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> Gateway:
             for forwarder in forwarders:
                 await forwarder.upstream.open()
                 stack.push_async_callback(forwarder.upstream.close)
+            settle_garbage_collector()
             yield
 
     async def healthz(_: Request) -> Response:
@@ -126,6 +128,23 @@ def create_app(settings: Settings) -> Gateway:
         lifespan=lifespan,
     )
     return Gateway(settings, forwarders, site, features.client_address)
+
+
+# Container objects allocated, net, before a young-generation collection (CPython's default is
+# 700). A request allocates dozens (headers, the parsed body, records for the chat log), nearly all
+# freed by reference counting, yet the default made the collector run every few requests: with the
+# chat log on, it cost about 10 µs per request (measured with gc.callbacks), now under 1.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_garbage_collector() -> None:
+    """Once started: what exists now (modules, settings, pools) lives as long as the process, so
+    it is moved out of the collector's sight (``gc.freeze``): full collections then walk only what
+    requests leave behind, not the ~40,000 objects of the imported code."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def app_from_env() -> Gateway:

@@ -137,6 +137,13 @@ class RedisClient:
             connection = await self._connect()
         return await connection.send(encode(args))
 
+    async def execute_encoded(self, payload: bytes) -> Any:
+        """:meth:`execute` for a command already encoded (hot paths pre-encode what is fixed)."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.send(payload)
+
     async def _connect(self) -> _Connection:
         if self._closed:
             raise RedisUnavailable("the Redis client is closed")

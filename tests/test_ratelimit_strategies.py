@@ -91,3 +91,48 @@ async def test_sliding_window_counter(make_limiter: MakeLimiter):
     # use, so one more is admitted where a fixed window would admit three.
     await at(t0, 2.3)
     assert await admitted(limiter, 2) == [True, False]
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "fixed-window-elastic-expiry"])
+async def test_several_limits_count_in_order_and_stop_at_the_first_full_one(
+    make_limiter: MakeLimiter, strategy: str
+):
+    """``2/second;3/minute``: the second limit counts only what the first let through, so after
+    a refusal by the first a new second admits once more before the minute's limit refuses."""
+    limiter = await make_limiter("2/second;3/minute", strategy)
+    t0 = time.monotonic()
+    assert await admitted(limiter, 3) == [True, True, False]  # the minute has counted 2
+    await at(t0, 1.3)
+    assert await admitted(limiter, 1) == [True]  # 3 of 3 per minute
+    refusal = await limiter.check("u", "/v1/chat/completions")
+    assert refusal is not None
+    assert "3 per 1 minute" in refusal.message  # refused by the minute, not the second
+
+
+@pytest.mark.redis
+async def test_redis_keys_are_those_of_limits(redis_server):
+    """One script call counts all of a route's limits; its keys are limits' own
+    (``<prefix>:<key_for(user, route)>``), so processes on limits' strategies count together."""
+    env = {
+        "REQ_RATE_LIMIT_BACKEND": redis_server.url,
+        "REDIS_KEY_PREFIX": redis_server.prefix,
+        "GLOBAL_RATE_LIMIT": "5/second;7/2minutes",
+    }
+    limiter = build_limiter(Settings.from_env(env, env_file=None))
+    assert limiter is not None
+    await limiter.open()
+    try:
+        assert await limiter.check("user-1", "/v1/embeddings") is None
+        backend = limiter._backend
+        assert backend is not None and backend.hit_all is not None
+        storage = backend.strategy.storage
+        _, items = limiter._rules.for_route("/v1/embeddings")
+        expected = [
+            storage.prefixed_key(item.key_for("user-1", "/v1/embeddings")) for item in items
+        ]
+        assert backend.hit_all.keys(items, "user-1", "/v1/embeddings") == expected
+        client = storage.client
+        assert [await client.execute(b"GET", key) for key in expected] == [b"1", b"1"]
+        assert 0 < await client.execute(b"TTL", expected[1]) <= 120
+    finally:
+        await limiter.close()

@@ -68,12 +68,17 @@ class RequestLimiter:
                 return refusal(held[2], held[1], 0, now)
         if self._down_until and time.monotonic() < self._down_until:
             return None if self._fail_open else UNAVAILABLE
-        assert self._backend is not None, "RequestLimiter.check before open"
-        strategy = self._backend.strategy
+        backend = self._backend
+        assert backend is not None, "RequestLimiter.check before open"
         try:
-            for item in items:
-                if not await strategy.hit(item, user, route):
-                    return await self._refuse(item, user, route)
+            if backend.hit_all is not None:
+                over = await backend.hit_all(items, user, route)
+                if over is not None:
+                    return await self._refuse(over, user, route)
+            else:
+                for item in items:
+                    if not await backend.strategy.hit(item, user, route):
+                        return await self._refuse(item, user, route)
         except self._errors as exc:
             return self._storage_failed(exc)
         if self._down_until:

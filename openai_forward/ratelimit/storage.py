@@ -18,7 +18,7 @@ from limits.aio.strategies import STRATEGIES as LIMITS_STRATEGIES
 from limits.aio.strategies import FixedWindowRateLimiter, RateLimiter
 
 from openai_forward.ratelimit.memory import MemoryCounters
-from openai_forward.ratelimit.redis_counters import RedisCounters
+from openai_forward.ratelimit.redis_counters import FixedWindowHits, RedisCounters
 from openai_forward.resp import RedisClient, RedisError, Script
 from openai_forward.resp_wire import Parser, RedisReplyError, Reply, encode, handshake
 from openai_forward.resp_wire import parse_url as parse_redis_url
@@ -79,6 +79,9 @@ class Backend:
     strategy: RateLimiter
     errors: tuple[type[BaseException], ...]  # what a lost storage raises
     close: Callable[[], Awaitable[None]]
+    # All of a request's hits in one call, where the storage and strategy allow it: the first
+    # limit the request is over, else None. Otherwise ``strategy.hit`` is called per limit.
+    hit_all: FixedWindowHits | None = None
 
 
 def is_redis(url: str) -> bool:
@@ -109,6 +112,10 @@ def open_backend(settings: Settings) -> Backend:
         storage = RedisCounters(client, prefix)
         close = client.close
         errors = (RedisError,)
+        strategy = settings.rate_limit_strategy
+        if strategy in ("fixed-window", "fixed-window-elastic-expiry"):
+            hits = FixedWindowHits(storage, elastic=strategy == "fixed-window-elastic-expiry")
+            return Backend(STRATEGIES[strategy](storage), errors, close, hits)
     return Backend(STRATEGIES[settings.rate_limit_strategy](storage), errors, close)
 
 
