@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import random
 import socket
 import ssl
 import struct
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import trustme
+from aiohttp import web
 
 from openai_forward import h1
 from tests.conftest import RecordingUpstream
@@ -463,3 +465,76 @@ async def test_silence_between_body_chunks_is_a_read_timeout():
             assert 0.25 <= loop.time() - started < 2
         finally:
             pool.close()
+
+
+async def test_mixed_load_leaves_no_connection_busy(proxy_factory, upstream):
+    """300 concurrent requests: JSON of many sizes, streams, upstream break-offs and clients
+    that hang up mid-stream. Every whole answer is intact, every broken one is cut (never
+    finished), nothing hangs, and afterwards every pooled connection is idle again."""
+    rng = random.Random(7)
+
+    async def sized(request):
+        size = int(request.query["n"])
+        return web.Response(body=b"j" * size, content_type="application/json")
+
+    async def stream(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(int(request.query["n"])):
+            await response.write(b"data: %d\n\n" % i)
+            await asyncio.sleep(0.002)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def drop(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: partial\n\n")
+        await asyncio.sleep(0.01)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    upstream.route("/sized", sized)
+    upstream.route("/stream", stream)
+    upstream.route("/drop", drop)
+    proxy = proxy_factory(
+        OPENAI_BASE_URL="http://127.0.0.1:9", EXTRA_BASE_URL=upstream.url, EXTRA_ROUTE_PREFIX="/x"
+    )
+    outcomes: dict[str, int] = {"json": 0, "stream": 0, "cut": 0, "gone": 0}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        choice = rng.random()
+        if choice < 0.4:
+            n = rng.choice([0, 10, 5000, 300_000, 1_500_000])
+            response = await client.get(f"/x/sized?n={n}")
+            assert response.status_code == 200 and response.content == b"j" * n
+            outcomes["json"] += 1
+        elif choice < 0.7:
+            n = rng.randint(1, 40)
+            response = await client.get(f"/x/stream?n={n}")
+            assert response.text.endswith("data: [DONE]\n\n")
+            assert response.text.count("data: ") == n + 1
+            outcomes["stream"] += 1
+        elif choice < 0.85:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/x/drop")
+            outcomes["cut"] += 1
+        else:  # a client that hangs up while the stream is still coming
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.02):
+                    await client.get("/x/stream?n=100")
+            outcomes["gone"] += 1
+
+    limits = httpx.Limits(max_connections=120)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=20, limits=limits) as client:
+        await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(300))), 60)
+    assert all(count > 10 for count in outcomes.values()), outcomes
+    (general,) = [f for f in proxy.app.forwarders if f.target.prefix == "/x"]
+    pool = general.upstream._conns
+    assert pool is not None
+    deadline = asyncio.get_running_loop().time() + 5
+    while any(conn.response is not None for conn in list(pool._all)):
+        assert asyncio.get_running_loop().time() < deadline, "a connection stayed busy"
+        await asyncio.sleep(0.05)
+    assert len(pool._all) == len([c for c in pool._idle if not c.closed])
