@@ -50,8 +50,10 @@ class LocalServer:
         finally:
             writer.close()
 
+    tls: ssl.SSLContext | None = None  # serve over TLS
+
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -211,6 +213,28 @@ async def test_https_upstream_through_connect_tunnel(proxy_factory, tls_upstream
     assert forward.auth == [b"Basic " + base64.b64encode(b"u:pw")]
     assert names == ["localhost"]
     assert [r.path_qs for r in upstream.requests] == ["/v1/embeddings"] * 2
+
+
+@pytest.mark.parametrize("target_tls", [False, True], ids=["http-target", "https-target"])
+async def test_proxy_reached_over_tls(
+    proxy_factory, ca, ca_file, upstream, tls_upstream, target_tls
+):
+    """PROXY=https://...: TLS to the proxy; for an https target, TLS inside the tunnel too."""
+    target = tls_upstream[0] if target_tls else upstream
+    forward = ForwardProxy()
+    forward.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(forward.tls)
+    async with forward:
+        proxy = proxy_factory(
+            OPENAI_BASE_URL=target.url, PROXY=f"https://localhost:{forward.port}", MAX_RETRIES=0
+        )
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=5) as client:
+            for _ in range(2):
+                response = await client.post("/v1/embeddings", json={"input": "x"})
+                assert response.status_code == 200, response.text
+    assert len(forward.lines) == 1  # one connection to the proxy, kept alive
+    assert forward.lines[0].startswith(b"CONNECT " if target_tls else b"POST http://")
+    assert [r.path_qs for r in target.requests] == ["/v1/embeddings"] * 2
 
 
 async def test_proxy_refusing_the_tunnel_gives_502(proxy_factory, tls_upstream, ca_file):
