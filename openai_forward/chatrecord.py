@@ -124,29 +124,70 @@ def response_record(
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
     ok = status is not None and 200 <= status < 300
-    if kind == "embedding" and ok:
-        truncated = False  # by design: only the ends of a batch of vectors are kept
-    answer = _read_answer(kind, ok, headers, body, tail, truncated)
-    if status is not None and not ok and answer.error is None:
-        answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
-
-    record: dict[str, Any] = {}
-    if kind != "embedding":
-        summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
-        record.update(summaries[0] if summaries else Choice().summary())
-        if len(summaries) > 1:
-            record["choices"] = summaries
+    plain = _plain_chat(headers, body) if kind == "chat" and ok and not truncated else None
+    record: dict[str, Any]
+    if plain is not None:
+        content, finish_reason, usage = plain
+        record = {"assistant": content, "is_tool_calls": False, "finish_reason": finish_reason}
+        error, malformed = None, False
+    else:
+        if kind == "embedding" and ok:
+            truncated = False  # by design: only the ends of a batch of vectors are kept
+        answer = _read_answer(kind, ok, headers, body, tail, truncated)
+        if status is not None and not ok and answer.error is None:
+            answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
+        record = {}
+        if kind != "embedding":
+            summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
+            record.update(summaries[0] if summaries else Choice().summary())
+            if len(summaries) > 1:
+                record["choices"] = summaries
+        usage, error, malformed = answer.usage, answer.error, answer.malformed
     record["uid"] = uid
-    if answer.usage is not None:
-        record["usage"] = answer.usage
+    if usage is not None:
+        record["usage"] = usage
     record["status"] = status
     record["cached"] = _header(headers, b"x-cache").upper() == b"HIT"
-    record["complete"] = complete and not truncated and not (ok and answer.malformed)
-    if answer.error is not None:
-        record["error"] = answer.error
+    record["complete"] = complete and not truncated and not (ok and malformed)
+    if error is not None:
+        record["error"] = error
     if truncated:
         record["truncated"] = True
     return record
+
+
+# The fields of a plain text message: nothing in them changes the record but the content.
+_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
+
+
+def _plain_chat(
+    headers: Sequence[tuple[bytes, bytes]], body: bytes
+) -> tuple[str, Any, dict[str, Any] | None] | None:
+    """Content, finish reason and usage of the usual chat answer, read directly: one JSON choice
+    whose message is plain text. None for anything else (tool calls, reasoning, several choices,
+    content codings, errors, streams), which the general assembly handles. The record is the one
+    the general assembly would make, at about half the cost."""
+    content_type = _header(headers, b"content-type")
+    if not content_type.startswith(b"application/json") or _header(headers, b"content-encoding"):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if data.__class__ is not dict or "error" in data:
+        return None
+    choices = data.get("choices")
+    if choices.__class__ is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    message = choice.get("message") if choice.__class__ is dict else None
+    if message.__class__ is not dict or not message.keys() <= _PLAIN_MESSAGE:
+        return None
+    content = message.get("content")
+    if content.__class__ is not str:
+        return None
+    usage = data.get("usage")
+    return content, choice.get("finish_reason"), usage if usage.__class__ is dict else None
 
 
 def _read_answer(

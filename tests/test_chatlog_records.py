@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from openai_forward import chatrecord
 from openai_forward.chatlog import KEEP_BYTES, ChatLog
 from openai_forward.chatrecord import response_record
 from openai_forward.exchange import Call
@@ -312,3 +313,47 @@ async def test_an_answer_too_long_to_keep_is_marked_truncated(tmp_path: Path):
 def test_odd_shapes_never_break_a_record(chunk: dict):
     record = response_record("chat", "u", 200, SSE, sse(chunk), complete=True)
     assert record["uid"] == "u" and isinstance(record["assistant"], str | list)
+
+
+PLAIN = [
+    {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"total_tokens": 3},
+    },
+    {"choices": [{"message": {"role": "assistant", "content": "", "refusal": None}}]},
+    {"choices": [{"message": {"content": "no usage"}, "finish_reason": None}], "usage": 7},
+]
+NOT_PLAIN = [
+    {
+        "choices": [
+            {
+                "message": {
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}],
+                }
+            }
+        ]
+    },
+    {"choices": [{"message": {"content": "a", "reasoning_content": "think"}}]},
+    {"choices": [{"message": {"content": "a"}}, {"index": 1, "message": {"content": "b"}}]},
+    {"error": {"message": "bad"}, "choices": []},
+    {"choices": "not a list"},
+    ["not", "an", "object"],
+]
+
+
+@pytest.mark.parametrize(
+    "answer, plain", [(a, True) for a in PLAIN] + [(a, False) for a in NOT_PLAIN]
+)
+def test_plain_chat_answer_read_directly_gives_the_general_record(answer, plain, monkeypatch):
+    """The usual chat answer is read without the general assembly; its record must be the
+    same, key order included (it is the line written to the log). Other shapes go the general
+    way."""
+    body = orjson.dumps(answer)
+    assert (chatrecord._plain_chat(JSON, body) is not None) is plain
+    direct = response_record("chat", "u1", 200, JSON, body, complete=True)
+    monkeypatch.setattr(chatrecord, "_plain_chat", lambda headers, body: None)
+    general = response_record("chat", "u1", 200, JSON, body, complete=True)
+    assert list(direct.items()) == list(general.items())
