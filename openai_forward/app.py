@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.applications import Starlette
@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> Gateway:
             for forwarder in forwarders:
                 await forwarder.upstream.open()
                 stack.push_async_callback(forwarder.upstream.close)
-            settle_garbage_collector()
+            stack.callback(settle_garbage_collector())
             yield
 
     async def healthz(_: Request) -> Response:
@@ -137,14 +137,21 @@ def create_app(settings: Settings) -> Gateway:
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def settle_garbage_collector() -> None:
-    """Once started: what exists now (modules, settings, pools) lives as long as the process, so
-    it is moved out of the collector's sight (``gc.freeze``): full collections then walk only what
-    requests leave behind, not the ~40,000 objects of the imported code."""
+def settle_garbage_collector() -> Callable[[], None]:
+    """Once started: what exists now (modules, settings, pools) lives as long as the app, so it is
+    moved out of the collector's sight (``gc.freeze``): full collections then walk only what
+    requests leave behind, not the ~40,000 objects of the imported code. Returns the undoing,
+    for the app's shutdown (the frozen objects could never be collected otherwise)."""
     gc.collect()
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+
+    def undo() -> None:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+    return undo
 
 
 def app_from_env() -> Gateway:

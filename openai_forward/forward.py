@@ -62,12 +62,11 @@ class DisconnectGuard:
         sweep.add(self)
 
     def _watch(self) -> None:
-        watcher: asyncio.Task[Message] = asyncio.get_running_loop().create_task(
-            self._receive()  # type: ignore[arg-type]
-        )
+        # ensure_future: ``receive`` need only return an awaitable (uvicorn's is a coroutine)
+        watcher: asyncio.Future[Message] = asyncio.ensure_future(self._receive())
         watcher.add_done_callback(self._on_message)
 
-    def _on_message(self, watcher: asyncio.Task[Message]) -> None:
+    def _on_message(self, watcher: asyncio.Future[Message]) -> None:
         if self._stopped or watcher.cancelled() or watcher.exception() is not None:
             return
         if watcher.result()["type"] == "http.disconnect":
@@ -104,11 +103,14 @@ class Sweep:
 
     def _tick(self) -> None:
         due, self._old, self._young = self._old, self._young, {}
+        self._handle = None
         for guard in due:
-            guard._watch()
-        self._handle = (
-            asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick) if self._old else None
-        )
+            try:
+                guard._watch()
+            except Exception:  # one request's receive must not stop the watch of the others
+                logger.exception("Cannot watch a request for a client hang-up")
+        if self._old and self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick)
 
 
 @dataclass(frozen=True)

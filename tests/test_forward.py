@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from openai_forward import app, forward
 from tests.conftest import ProxyServer, RecordingUpstream
 from tests.support import free_port
 
@@ -590,3 +592,50 @@ async def test_ip_blacklist_and_whitelist(proxy_factory, upstream):
     assert r4.status_code == 403
     assert health.status_code == 200
     assert len(upstream.requests) == 1
+
+
+async def test_hang_up_watch_survives_a_receive_that_is_no_coroutine(monkeypatch):
+    """ASGI only asks ``receive`` to be awaitable. One that returns a future is watched like
+    uvicorn's coroutine, and a request whose watch could not start does not stop the watch of
+    the others (the sweep's timer used to stay stuck after such an error)."""
+    monkeypatch.setattr(forward, "WATCH_AFTER", 0.02)
+    loop = asyncio.get_running_loop()
+    sweep = forward.Sweep()
+
+    async def request(receive) -> str:
+        guard = forward.DisconnectGuard(receive, sweep)
+        try:
+            await asyncio.sleep(2)
+            return "finished"
+        except asyncio.CancelledError:
+            return "noticed" if guard.gone else "cancelled"
+        finally:
+            guard.stop()
+
+    def as_future():
+        future = loop.create_future()
+        future.set_result({"type": "http.disconnect"})
+        return future
+
+    def broken():
+        raise RuntimeError("no receive")
+
+    async def coroutine():
+        return {"type": "http.disconnect"}
+
+    first = [loop.create_task(request(r)) for r in (as_future, broken)]
+    assert await first[0] == "noticed"
+    later = loop.create_task(request(coroutine))  # after the failed watch
+    assert await asyncio.wait_for(later, 1) == "noticed"
+    first[1].cancel()
+    assert await first[1] == "cancelled"
+
+
+async def test_shutdown_undoes_the_garbage_collector_settings(proxy_factory, upstream):
+    before = gc.get_threshold()
+    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url)
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] == app.GC_YOUNG_THRESHOLD
+    proxy.stop()
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
