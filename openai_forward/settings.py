@@ -238,6 +238,19 @@ def _normalize_prefix(name: str, prefix: str) -> str:
     return prefix
 
 
+def _check_proxy(url: str) -> None:
+    parts = urlsplit(url)
+    shown = url
+    if parts.password:  # the proxy's password never appears in a message
+        shown = url.replace(f":{parts.password}@", ":***@", 1)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("PROXY", shown, "an http(s):// proxy URL with a valid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("PROXY", shown, "an http(s):// proxy URL such as http://host:3128")
+
+
 def _check_base_url(name: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -344,8 +357,8 @@ def _parse(reader: _Reader) -> Settings:
             raise ConfigError("TZ", tz, "an IANA time zone such as Asia/Shanghai or UTC") from None
 
     proxy = reader.raw("PROXY")
-    if proxy is not None and urlsplit(proxy).scheme not in ("http", "https"):
-        raise ConfigError("PROXY", proxy, "an http(s):// proxy URL")
+    if proxy is not None:
+        _check_proxy(proxy)
 
     timeout = reader.number("TIMEOUT", 10.0)
     read_timeout = reader.number("READ_TIMEOUT", 600.0)

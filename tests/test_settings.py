@@ -90,6 +90,8 @@ def test_limits_and_inf():
         ({"IP_BLACKLIST": "10.0.0.300"}, "IP_BLACKLIST", "CIDR"),
         ({"TZ": "Mars/Olympus"}, "TZ", "time zone"),
         ({"PROXY": "socks9://x"}, "PROXY", "proxy URL"),
+        ({"PROXY": "http://"}, "PROXY", "proxy URL"),
+        ({"PROXY": "http://user:s3cret@proxy:99999"}, "PROXY", "user:***@proxy"),
     ],
 )
 def test_bad_values_name_variable_value_and_expectation(env, variable, fragment):
@@ -124,3 +126,10 @@ async def test_redis_fixture_gives_a_private_prefix(redis_server):
         assert await client.get(f"{redis_server.prefix}:probe") == b"1"
     finally:
         await client.aclose()
+
+
+def test_bad_proxy_url_never_shows_its_password():
+    with pytest.raises(ConfigError) as info:
+        parse(PROXY="socks5://user:s3cret@proxy:1080")
+    assert "s3cret" not in str(info.value)
+    assert "user:***@proxy" in str(info.value)
