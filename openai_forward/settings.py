@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -238,6 +238,14 @@ def _normalize_prefix(name: str, prefix: str) -> str:
     return prefix
 
 
+def _keys(values: Iterable[str], variable: str) -> tuple[Secret, ...]:
+    """Keys travel in an ``Authorization`` header: visible ASCII only (the value stays hidden)."""
+    for value in values:
+        if not value.isascii() or not value.isprintable() or " " in value:
+            raise ConfigError(variable, value, "keys of visible ASCII characters, comma-separated")
+    return tuple(Secret(value) for value in values)
+
+
 def _check_proxy(url: str) -> None:
     parts = urlsplit(url)
     shown = url
@@ -367,8 +375,8 @@ def _parse(reader: _Reader) -> Settings:
 
     return Settings(
         targets=tuple(targets),
-        api_keys=tuple(Secret(k) for k in reader.items("OPENAI_API_KEY")),
-        forward_keys=tuple(Secret(k) for k in reader.items("FORWARD_KEY")),
+        api_keys=_keys(reader.items("OPENAI_API_KEY"), "OPENAI_API_KEY"),
+        forward_keys=_keys(reader.items("FORWARD_KEY"), "FORWARD_KEY"),
         req_rate_limit=reader.limit_map("REQ_RATE_LIMIT"),
         global_rate_limit=global_limit,
         rate_limit_strategy=strategy,

@@ -133,3 +133,12 @@ def test_bad_proxy_url_never_shows_its_password():
         parse(PROXY="socks5://user:s3cret@proxy:1080")
     assert "s3cret" not in str(info.value)
     assert "user:***@proxy" in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "FORWARD_KEY"])
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(variable):
+    with pytest.raises(ConfigError) as info:
+        parse(**{variable: "sk-good,sk-b€d"})
+    message = str(info.value)
+    assert message.startswith(f"{variable}=<hidden>")
+    assert "sk-" not in message
