@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -20,19 +21,31 @@ BASE = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:9000").rstrip("/")
 state: dict[str, Any] = {}
 
 
+async def lifespan(
+    receive: Any, send: Any, start: Callable[[], Any], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """The ASGI lifespan of both floors: ``start()`` its client, later ``await stop()``."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            start()
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await stop()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _open_session() -> None:
+    import aiohttp  # here, so that floor_raw_forwarder (sharing this module) never loads it
+
+    state["session"] = aiohttp.ClientSession(auto_decompress=False)
+
+
 async def app(scope: dict, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                import aiohttp  # here, so that floor_raw_forwarder (sharing main) never loads it
-
-                state["session"] = aiohttp.ClientSession(auto_decompress=False)
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await state["session"].close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, _open_session, lambda: state["session"].close())
+        return
     body = (await receive())["body"]
     url = (
         BASE

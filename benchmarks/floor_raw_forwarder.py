@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from floor_forwarder import lifespan
+
 from openai_forward.h1 import Origin, Pool
 
 BASE = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:9000").rstrip("/")
@@ -21,17 +23,18 @@ HEADERS = [(b"content-type", b"application/json")]
 state: dict[str, Any] = {}
 
 
+def _open_pool() -> None:
+    state["pool"] = Pool(Origin(BASE), connect_timeout=10, read_timeout=600)
+
+
+async def _close_pool() -> None:
+    state["pool"].close()
+
+
 async def app(scope: dict, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                state["pool"] = Pool(Origin(BASE), connect_timeout=10, read_timeout=600)
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                state["pool"].close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, _open_pool, _close_pool)
+        return
     body = (await receive())["body"]
     target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
     r = await state["pool"].request(scope["method"], target, HEADERS, body)

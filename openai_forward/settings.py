@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -246,11 +246,19 @@ def _keys(values: Iterable[str], variable: str) -> tuple[Secret, ...]:
     return tuple(Secret(value) for value in values)
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and the banner."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 def _check_proxy(url: str) -> None:
     parts = urlsplit(url)
-    shown = url
-    if parts.password:  # the proxy's password never appears in a message
-        shown = url.replace(f":{parts.password}@", ":***@", 1)
+    shown = redacted(url)  # the proxy's password never appears in a message
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:

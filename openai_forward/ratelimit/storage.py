@@ -10,7 +10,6 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage
@@ -22,7 +21,7 @@ from openai_forward.ratelimit.redis_counters import FixedWindowHits, RedisCounte
 from openai_forward.resp import RedisClient, RedisError, Script
 from openai_forward.resp_wire import Parser, RedisReplyError, Reply, encode, handshake
 from openai_forward.resp_wire import parse_url as parse_redis_url
-from openai_forward.settings import ConfigError, Settings
+from openai_forward.settings import ConfigError, Settings, redacted
 
 # A Redis call that takes longer than this counts as a failure (fail open or closed) instead of
 # holding the request: a dead Redis host must not hang the proxy.
@@ -117,16 +116,6 @@ def open_backend(settings: Settings) -> Backend:
             hits = FixedWindowHits(storage, elastic=strategy == "fixed-window-elastic-expiry")
             return Backend(STRATEGIES[strategy](storage), errors, close, hits)
     return Backend(STRATEGIES[settings.rate_limit_strategy](storage), errors, close)
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for messages and the banner."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def ping_redis(url: str, timeout: float = 2.0) -> None:
