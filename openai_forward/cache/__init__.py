@@ -11,14 +11,15 @@ time the cache steps aside for a few seconds and requests go upstream as misses.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
+import orjson
+
+from openai_forward.cache.keys import key_of_fields, wants_usage
 from openai_forward.cache.store import (
     ON_DISK,
     Store,
@@ -52,8 +53,11 @@ class ResponseCache:
         members_only: bool = False,
     ) -> None:
         self.store = store
-        # A store that writes at once (MEMORY) is written to directly, without a task.
+        # A store that reads and writes at once (MEMORY) is used directly, without a coroutine
+        # or a task.
         self._put: Callable[[bytes, bytes], None] | None = getattr(store, "put", None)
+        self._peek: Callable[[bytes], bytes | None] | None = getattr(store, "peek", None)
+        self._settle_call = self._settle  # one bound method, not one per ticket
         self._kinds = kinds
         self._read_by_default = read_by_default
         self._ttl = ttl
@@ -89,44 +93,48 @@ class ResponseCache:
         except Exception as exc:
             logger.warning("Closing the %s cache failed: %s", self.store.name, exc)
 
-    def watches(self, kind: CallKind) -> bool:
-        # Every openai route: the ``caching`` field is ours and must never reach the upstream.
-        return True
-
     async def begin(self, call: Call) -> Ticket | None:
         """The call's ticket (may wait for an identical call in flight), or None when this call
-        may not use the cache. Rewrites ``call.body`` without the ``caching`` field."""
+        may not use the cache. Rewrites ``call.body`` without the ``caching`` field: every
+        call of an openai-type target comes here, since that field is ours and must never reach
+        the upstream."""
         payload = call.payload
-        flag = payload.get("caching")
+        fields = dict(payload)  # becomes the fields of the key
+        flag = fields.pop("caching", None)
         if "caching" in payload:
-            call.body = without_caching_field(payload)
+            call.body = orjson.dumps(fields)  # the same bytes as without_caching_field()
         if call.kind not in self._kinds:
             return None
-        key = cache_key(call.target.base_url, call.route, call.query, payload)
+        chat = call.kind == "chat"
+        fields.pop("stream", None)
+        fields.pop("stream_options", None)
+        key = key_of_fields(call.target.base_url, call.route, call.query, fields)
         reads = flag if isinstance(flag, bool) else self._read_by_default
         if not reads or (self._members_only and call.user is None):
             # It may not read, but its fresh answer refreshes the entry.
-            return Miss(functools.partial(self._settle, key, None), call.kind == "chat")
-        chat = call.kind == "chat"
-        usage = call.stream and wants_usage(payload)
-        answer = self._writing.get(key)
+            return Miss(self._settle_call, key, None, chat)
+        answer = self._writing.get(key) if self._writing else None
         if answer is None and key not in self._flights:
-            answer = await self._read(key)
-            if answer is None:
-                answer = self._writing.get(key)  # stored while we were reading
+            if self._peek is not None:
+                value = self._peek(key)
+                answer = None if value is None else self._unpacked(key, value)
+            else:
+                answer = await self._read(key)
+                if answer is None and self._writing:
+                    answer = self._writing.get(key)  # stored while we were reading
         if answer is None:
             flight = self._flights.get(key)
             if flight is None:
                 flight = self._flights[key] = asyncio.get_running_loop().create_future()
-                return Miss(functools.partial(self._settle, key, flight), chat)
+                return Miss(self._settle_call, key, flight, chat)
             # Shielded: a follower that goes away must not cancel the others' wait.
             answer = await asyncio.shield(flight)
             if answer is None:
                 # The first call got no storable answer. Followers go upstream together rather
                 # than one after another: an error is likely to repeat, and queueing them would
                 # multiply the wait.
-                return Miss(functools.partial(self._settle, key, None), chat)
-        return Hit(answer, chat, usage)
+                return Miss(self._settle_call, key, None, chat)
+        return Hit(answer, chat, call.stream and wants_usage(payload))
 
     def _settle(
         self, key: bytes, flight: asyncio.Future[bytes | None] | None, answer: bytes | None
@@ -152,6 +160,9 @@ class ResponseCache:
             return None
         if value is None:
             return None
+        return self._unpacked(key, value)
+
+    def _unpacked(self, key: bytes, value: bytes) -> bytes | None:
         answer, expired = unpack(value)
         if expired:
             self._spawn(self._delete(key))

@@ -20,7 +20,14 @@ NOT_IN_KEY = frozenset({"stream", "stream_options", "caching"})
 
 def cache_key(base_url: str, route: str, query: bytes, payload: dict[str, Any]) -> bytes:
     """The 32-byte key of a request whose JSON body is ``payload``."""
-    fields = {name: value for name, value in payload.items() if name not in NOT_IN_KEY}
+    fields = dict(payload)
+    for name in NOT_IN_KEY:
+        fields.pop(name, None)
+    return key_of_fields(base_url, route, query, fields)
+
+
+def key_of_fields(base_url: str, route: str, query: bytes, fields: dict[str, Any]) -> bytes:
+    """:func:`cache_key` of a body whose ``NOT_IN_KEY`` fields are already left out."""
     canonical = orjson.dumps(
         (KEY_VERSION, base_url, route, query.decode("latin-1"), fields),
         option=orjson.OPT_SORT_KEYS,

@@ -28,6 +28,10 @@ class MemoryStore:
         self.size = 0
 
     async def get(self, key: bytes) -> bytes | None:
+        return self.peek(key)
+
+    def peek(self, key: bytes) -> bytes | None:
+        """``get`` without the coroutine: the cache calls this directly."""
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
@@ -38,7 +42,9 @@ class MemoryStore:
 
     def put(self, key: bytes, value: bytes) -> None:
         """``set`` without the coroutine: the cache calls this directly (no task per write)."""
-        self._remove(key)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.size -= len(key) + len(old)
         cost = len(key) + len(value)
         if cost > self.max_bytes // 4:
             return  # one answer may not push out most of the others

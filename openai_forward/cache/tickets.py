@@ -3,14 +3,10 @@ upstream's answer go by and hands it to the cache once it is whole."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
-from openai_forward.cache.answer import (
-    chat_from_json,
-    chat_from_sse,
-    chat_to_sse,
-    embedding_from_json,
-)
+from openai_forward.cache.answer import chat_from_sse, chat_to_sse, is_document
 from openai_forward.exchange import Headers, Observer
 from openai_forward.types import Send
 
@@ -85,16 +81,29 @@ class Hit(Ticket):
                 observer.close(complete)
 
 
+# What a miss reports once its call is over: (key, flight, entry or None).
+Settle = Callable[[bytes, "asyncio.Future[bytes | None] | None", "bytes | None"], None]
+
+
 class Miss(Ticket):
     """Collects a 2xx answer as it is relayed; on a complete body, builds the entry and calls
-    ``settle(entry)``. Anything else (error status, broken or cut body, no ``[DONE]``) settles
-    with None: nothing is stored and callers waiting on this one go to the upstream."""
+    ``settle(key, flight, entry)``. Anything else (error status, broken or cut body, no
+    ``[DONE]``) settles with None: nothing is stored and callers waiting on this one go to the
+    upstream."""
 
-    __slots__ = ("_chat", "_chunks", "_collect", "_settle", "_size", "_sse")
+    __slots__ = ("_chat", "_chunks", "_collect", "_flight", "_key", "_settle", "_size", "_sse")
     headers = (X_CACHE_MISS,)
 
-    def __init__(self, settle: Callable[[bytes | None], None] | None, chat: bool) -> None:
-        self._settle = settle
+    def __init__(
+        self,
+        settle: Settle,
+        key: bytes,
+        flight: asyncio.Future[bytes | None] | None,
+        chat: bool,
+    ) -> None:
+        self._settle: Settle | None = settle
+        self._key = key
+        self._flight = flight
         self._chat = chat
         self._chunks: list[bytes] = []
         self._size = 0
@@ -102,12 +111,14 @@ class Miss(Ticket):
         self._sse = False
 
     def start(self, status: int, headers: Headers) -> None:
-        self._collect = 200 <= status < 300
-        for name, value in headers:
-            if name == b"content-type":
-                self._sse = value.startswith(b"text/event-stream")
-            elif name == b"content-encoding" and value.lower() != b"identity":
-                self._collect = False  # relayed compressed as it came; replays are plain
+        if not 200 <= status < 300:
+            return
+        named = dict(headers)  # the last Content-Type counts, as in any header loop
+        self._sse = named.get(b"content-type", b"").startswith(b"text/event-stream")
+        # An answer relayed compressed as it came is not kept: replays are plain.
+        self._collect = b"content-encoding" not in named or all(
+            value.lower() == b"identity" for name, value in headers if name == b"content-encoding"
+        )
 
     def feed(self, chunk: bytes) -> None:
         if self._collect:
@@ -119,20 +130,21 @@ class Miss(Ticket):
                 self._chunks.append(chunk)
 
     def close(self, complete: bool) -> None:
+        settle, self._settle = self._settle, None
+        if settle is None:
+            return
         entry = None
         if complete and self._collect:
-            body = b"".join(self._chunks)
+            chunks = self._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._sse:
                 entry = chat_from_sse(body) if self._chat else None
-            else:
-                entry = chat_from_json(body) if self._chat else embedding_from_json(body)
-        self._chunks.clear()
-        self._finish(entry)
+            elif is_document(body, "choices" if self._chat else "data"):
+                entry = body
+        self._chunks = []
+        settle(self._key, self._flight, entry)
 
     def release(self) -> None:
-        self._finish(None)
-
-    def _finish(self, entry: bytes | None) -> None:
         settle, self._settle = self._settle, None
         if settle is not None:
-            settle(entry)
+            settle(self._key, self._flight, None)
