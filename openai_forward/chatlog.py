@@ -1,7 +1,7 @@
 """Chat logs (SPEC §9): a request record and a response record per call, written off-path.
 
-On the event loop a call costs a shallow pick of its body fields, an id, and appending relayed
-chunks to a list; the answer is assembled from those chunks and serialized by the writer thread
+On the event loop a call costs an id and appending relayed chunks to a list; both records are
+picked (from the parsed body, and from those chunks) and serialized by the writer thread
 (:mod:`openai_forward.logwriter`). Files: ``<LOG_FOLDER>/<name>/<kind>/<kind>.log`` with
 ``<name>`` the target's :attr:`~openai_forward.settings.Target.log_name`.
 """
@@ -56,20 +56,17 @@ class ChatLog:
         """Writes every queued record (the lifespan's shutdown waits for it)."""
         await asyncio.to_thread(self._writer.stop)
 
-    def watches(self, kind: CallKind) -> bool:
-        return True
-
     def request(self, call: Call) -> Observer:
-        """Record the request (sets ``call.uid``); the observer records the answer."""
+        """Record the request (sets ``call.uid``); the observer records the answer. Both records
+        are made in the writer thread (the parsed body is never changed once parsed)."""
         call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
-        key = (call.target.log_name, call.kind)
+        key = (call.target.prefix, call.kind)
         path = self._paths.get(key)
         if path is None:
-            path = self._paths[key] = f"{key[0]}/{call.kind}/{call.kind}.log"
-        record = request_record(call)
-        at = time.time()
-        self._writer.submit(path, lambda: self._dated(record, at))
-        return _AnswerObserver(self._writer, path, call.kind, call.uid)
+            path = self._paths[key] = f"{call.target.log_name}/{call.kind}/{call.kind}.log"
+        observer = _AnswerObserver(self, path, call, time.time())
+        self._writer.submit(path, observer.request_record)
+        return observer
 
     def _dated(self, record: dict[str, Any], at: float) -> dict[str, Any]:
         """Runs in the writer thread, which alone touches the cached text of the last second."""
@@ -85,30 +82,30 @@ class _AnswerObserver:
     """Collects the relayed answer of one call; cheap on the loop and never raises."""
 
     __slots__ = (
+        "_at",
+        "_call",
         "_chunks",
         "_closed",
         "_complete",
         "_headers",
         "_keep",
-        "_kind",
+        "_log",
         "_path",
         "_size",
         "_status",
         "_tail",
-        "_uid",
-        "_writer",
     )
 
-    def __init__(self, writer: LogWriter, path: str, kind: CallKind, uid: str) -> None:
-        self._writer = writer
+    def __init__(self, log: ChatLog, path: str, call: Call, at: float) -> None:
+        self._log = log
         self._path = path
-        self._kind = kind
-        self._uid = uid
+        self._call = call
+        self._at = at
         self._status: int | None = None
         self._headers: Sequence[tuple[bytes, bytes]] = ()
         self._chunks: list[bytes] = []
         self._size = 0
-        self._keep = KEEP_BYTES[kind]
+        self._keep = KEEP_BYTES[call.kind]
         self._tail = b""
         self._closed = False
         self._complete = False
@@ -129,14 +126,19 @@ class _AnswerObserver:
             return
         self._closed = True
         self._complete = complete
-        self._writer.submit(self._path, self._record)
+        self._log._writer.submit(self._path, self.response_record)
 
-    def _record(self) -> dict[str, Any]:
+    def request_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
-        body = b"".join(self._chunks)
+        return self._log._dated(request_record(self._call), self._at)
+
+    def response_record(self) -> dict[str, Any]:
+        """Runs in the writer thread."""
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return response_record(
-            self._kind,
-            self._uid,
+            self._call.kind,
+            self._call.uid,
             self._status,
             self._headers,
             body,

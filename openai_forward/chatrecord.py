@@ -55,17 +55,26 @@ _CONTENT: dict[CallKind, str] = {"chat": "messages", "completion": "prompt", "em
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 
 
+# The same as sets, and each name's place: a record picks what the body has (a handful of fields)
+# instead of looking up every name a body might have.
+_OPTIONAL_SET = {kind: frozenset(names) for kind, names in _OPTIONAL.items()}
+_PLACE = {kind: {name: i for i, name in enumerate(names)} for kind, names in _OPTIONAL.items()}
+
+
 def request_record(call: Call) -> dict[str, Any]:
     """What the client asked: never a header, so never a key (``datetime`` is added by the log)."""
     payload = call.payload
-    record: dict[str, Any] = {_CONTENT[call.kind]: payload.get(_CONTENT[call.kind])}
-    record["model"] = payload.get("model")
-    if call.kind != "embedding":
-        record["stream"] = call.stream
-    for name in _OPTIONAL[call.kind]:
-        if name in payload:
+    kind = call.kind
+    content = _CONTENT[kind]
+    record: dict[str, Any] = {content: payload.get(content), "model": payload.get("model")}
+    if kind != "embedding":
+        record["stream"] = payload.get("stream") is True
+    present = _OPTIONAL_SET[kind].intersection(payload)
+    if present:
+        # in the order of _OPTIONAL, whatever the order of the body
+        for name in sorted(present, key=_PLACE[kind].__getitem__):
             record[name] = payload[name]
-    if call.kind == "chat":
+    if kind == "chat":
         record["tools"] = payload.get("tools")
     record["ip"] = call.client
     record["uid"] = call.uid
@@ -124,7 +133,9 @@ def response_record(
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
     ok = status is not None and 200 <= status < 300
-    plain = _plain_chat(headers, body) if kind == "chat" and ok and not truncated else None
+    # name -> value of the first header of that name, as _header() finds it
+    named = dict(reversed(headers)) if headers else {}
+    plain = _plain_chat(named, body) if kind == "chat" and ok and not truncated else None
     record: dict[str, Any]
     if plain is not None:
         content, finish_reason, usage = plain
@@ -147,7 +158,7 @@ def response_record(
     if usage is not None:
         record["usage"] = usage
     record["status"] = status
-    record["cached"] = _header(headers, b"x-cache").upper() == b"HIT"
+    record["cached"] = named.get(b"x-cache", b"").upper() == b"HIT"
     record["complete"] = complete and not truncated and not (ok and malformed)
     if error is not None:
         record["error"] = error
@@ -161,14 +172,14 @@ _PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
 
 
 def _plain_chat(
-    headers: Sequence[tuple[bytes, bytes]], body: bytes
+    headers: dict[bytes, bytes], body: bytes
 ) -> tuple[str, Any, dict[str, Any] | None] | None:
     """Content, finish reason and usage of the usual chat answer, read directly: one JSON choice
     whose message is plain text. None for anything else (tool calls, reasoning, several choices,
     content codings, errors, streams), which the general assembly handles. The record is the one
     the general assembly would make, at about half the cost."""
-    content_type = _header(headers, b"content-type")
-    if not content_type.startswith(b"application/json") or _header(headers, b"content-encoding"):
+    content_type = headers.get(b"content-type", b"")
+    if not content_type.startswith(b"application/json") or headers.get(b"content-encoding"):
         return None
     try:
         data = orjson.loads(body)

@@ -78,6 +78,10 @@ class _LogFile:
 
     def write(self, lines: list[bytes]) -> None:
         """Append whole lines, in as few writes as the size limit allows."""
+        total = sum(map(len, lines))
+        if total <= WRITE_BATCH and self._size() + total <= self._max_bytes:
+            self._write_all(b"".join(lines))  # the usual batch: one write
+            return
         start = 0
         while start < len(lines):
             size = self._size()
@@ -89,10 +93,13 @@ class _LogFile:
             while end < len(lines) and total + len(lines[end]) <= room:
                 total += len(lines[end])
                 end += 1
-            view = memoryview(b"".join(lines[start:end]))
-            while view:
-                view = view[os.write(self._fd, view) :]
+            self._write_all(b"".join(lines[start:end]))
             start = end
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     def _size(self) -> int:
         """Size of the file now named ``path``, reopened first if another process rotated it."""
@@ -231,6 +238,7 @@ class LogWriter:
 
     def _write(self, entries: list[tuple[str, Render]]) -> None:
         pending: dict[str, list[bytes]] = {}
+        secrets = self._secrets
         held_since = time.monotonic()
         for path, render in entries:
             now = time.monotonic()
@@ -247,10 +255,13 @@ class LogWriter:
             except Exception as exc:  # one bad entry must not stop the log
                 self._failure(f"render a record ({type(exc).__name__})")
                 continue
-            for secret in self._secrets:
-                if secret in line:
+            for secret in secrets:
+                if line.find(secret) >= 0:  # (not ``in``: see paths._SUSPECT)
                     line = line.replace(secret, b"***")
-            pending.setdefault(path, []).append(line)
+            lines = pending.get(path)
+            if lines is None:
+                lines = pending[path] = []
+            lines.append(line)
         for path, lines in pending.items():
             try:
                 file = self._files.get(path)
