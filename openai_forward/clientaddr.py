@@ -42,6 +42,20 @@ class ClientAddress:
             cached = scope[_CACHE_KEY] = self._resolve(scope)
         return cached
 
+    def of(self, scope: Scope, forwarded_for: bytes | None) -> str:
+        """``self(scope)`` for a caller that has already found the request's first
+        ``X-Forwarded-For`` header (None: there is none)."""
+        cached: str | None = scope.get(_CACHE_KEY)
+        if cached is None:
+            client = scope.get("client")
+            peer = client[0] if client else "unknown"
+            if forwarded_for is not None and self.is_trusted(peer):
+                cached = self._walk(forwarded_for, peer)
+            else:
+                cached = peer
+            scope[_CACHE_KEY] = cached
+        return cached
+
     def _resolve(self, scope: Scope) -> str:
         client = scope.get("client")
         peer = client[0] if client else "unknown"
@@ -49,11 +63,14 @@ class ClientAddress:
             return peer
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
-                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
-                # Each trusted proxy appends the address it saw: walk back from the nearest one
-                # and stop at the first address that is not a trusted proxy.
-                for hop in reversed(hops):
-                    if not self.is_trusted(hop):
-                        return hop
-                return hops[0] if hops else peer
+                return self._walk(value, peer)
         return peer
+
+    def _walk(self, forwarded_for: bytes, peer: str) -> str:
+        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        # Each trusted proxy appends the address it saw: walk back from the nearest one and stop
+        # at the first address that is not a trusted proxy.
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -20,7 +21,7 @@ from openai_forward.chatlog import ChatLog
 from openai_forward.clientaddr import ClientAddress
 from openai_forward.cors import Cors
 from openai_forward.errors import ProxyError, send_error
-from openai_forward.exchange import Call, Observer, call_kind
+from openai_forward.exchange import Call, CallKind, Observer, call_kind
 from openai_forward.h1 import Response
 from openai_forward.headers import read_request_head
 from openai_forward.paths import is_safe_rest
@@ -33,6 +34,9 @@ from openai_forward.upstream import Upstream, UpstreamBroken
 
 logger = logging.getLogger("openai_forward")
 
+
+_UNKNOWN: Any = object()
+_KINDS_MEMO = 1024  # distinct paths whose call kind is remembered
 
 # Requests answered faster than this never pay for a watcher task (most of them, under load);
 # a client that hangs up is noticed at most this late.
@@ -153,6 +157,7 @@ class Forwarder:
         self._chatlog = features.chatlog if self._openai else None
         self._inspects = self._cache is not None or self._chatlog is not None
         self._sweep = Sweep()
+        self._kinds: dict[bytes, CallKind | None] = {}  # path -> call kind, remembered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, rest: bytes) -> None:
         if not is_safe_rest(rest):
@@ -178,7 +183,8 @@ class Forwarder:
         route = self._prefix + rest.decode("latin-1") if rest else self.target.prefix
 
         if self._limiter is not None:
-            refusal = await self._limiter.check(creds.user or self._client(scope), route)
+            user = creds.user or self._client.of(scope, head.forwarded_for)
+            refusal = await self._limiter.check(user, route)
             if refusal is not None:
                 await send_error(send, refusal.status, refusal.message, [*refusal.headers, *cors])
                 return
@@ -195,11 +201,11 @@ class Forwarder:
         ticket: Ticket | None = None
         extra = cors  # headers added to the relayed response
         if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
-            call = self._call(scope, rest, route, body, creds.user)
+            call = self._call(scope, rest, route, body, creds.user, head.forwarded_for)
             if call is not None:
-                if self._chatlog is not None and self._chatlog.watches(call.kind):
+                if self._chatlog is not None:
                     observers.append(self._chatlog.request(call))
-                if self._cache is not None and self._cache.watches(call.kind):
+                if self._cache is not None:
                     ticket = await self._cache.begin(call)
                     if ticket is not None and ticket.answer is not None:
                         await ticket.replay(send, cors, call.stream, observers)
@@ -258,9 +264,20 @@ class Forwarder:
         return self._pacing.get(canonical_route(route)) if interval is None else interval
 
     def _call(
-        self, scope: Scope, rest: bytes, route: str, body: bytes, user: str | None
+        self,
+        scope: Scope,
+        rest: bytes,
+        route: str,
+        body: bytes,
+        user: str | None,
+        forwarded_for: bytes | None,
     ) -> Call | None:
-        kind = call_kind(rest.decode("latin-1"))
+        kind = self._kinds.get(rest, _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = call_kind(rest.decode("latin-1"))
+            if len(self._kinds) >= _KINDS_MEMO:
+                self._kinds.clear()
+            self._kinds[rest] = kind
         if kind is None:
             return None
         try:
@@ -270,4 +287,5 @@ class Forwarder:
         if not isinstance(payload, dict):
             return None
         query = scope["query_string"]
-        return Call(self.target, kind, route, payload, body, self._client(scope), user, query=query)
+        client = self._client.of(scope, forwarded_for)
+        return Call(self.target, kind, route, payload, body, client, user, query=query)

@@ -36,7 +36,7 @@ class RequestHead:
     content_length: int | None = None
     content_type: bytes | None = None
     origin: bytes | None = None
-    forwarded_for: bytes | None = None
+    forwarded_for: bytes | None = None  # the first X-Forwarded-For
 
 
 def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> RequestHead:
@@ -60,6 +60,8 @@ def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> 
                 continue
         elif name == b"content-type":
             head.content_type = value
+        elif name == b"x-forwarded-for" and head.forwarded_for is None:
+            head.forwarded_for = value
         if openai_type:
             if name in _OPENAI_ALLOWED or name.startswith(b"openai-"):
                 keep((name, value))

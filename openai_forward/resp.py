@@ -67,12 +67,29 @@ class _Connection(asyncio.Protocol):
         return future
 
     def data_received(self, data: bytes) -> None:
+        pending = self._pending
+        # The usual read: one integer reply to the one command waiting (a limit check), taken
+        # without the parser.
+        if (
+            data[:1] == b":"
+            and len(pending) == 1
+            and data.find(b"\r\n") == len(data) - 2
+            and not self._parser.buffer
+        ):
+            try:
+                number = int(data[1:-2])
+            except ValueError:
+                pass  # the parser reports it
+            else:
+                future = pending.popleft()[0]
+                if not future.done():
+                    future.set_result(number)
+                return
         try:
             replies = self._parser.feed(data)
         except RedisProtocolError as exc:
             self.fail(RedisUnavailable(f"Redis sent something unreadable ({exc})"))
             return
-        pending = self._pending
         for reply in replies:
             if not pending:
                 self.fail(RedisUnavailable("Redis sent a reply nobody asked for"))

@@ -133,10 +133,10 @@ class Parser:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self.buffer = bytearray()  # received, not parsed yet (the start of a cut reply)
 
     def feed(self, data: bytes) -> list[Reply]:
-        buffer = self._buffer
+        buffer = self.buffer
         buffer += data
         replies = []
         pos = 0

@@ -39,6 +39,7 @@ class RequestLimiter:
     def __init__(self, settings: Settings, rules: Rules) -> None:
         self._settings = settings
         self._rules = rules
+        self._routes = rules.routes  # looked up directly first: the usual route is named there
         self._fail_open = settings.rate_limit_fail_open
         self._backend: Backend | None = None
         self._errors: tuple[type[BaseException], ...] = ()
@@ -59,7 +60,9 @@ class RequestLimiter:
 
     async def check(self, user: str, route: str) -> Refusal | None:
         """Count one request of ``user`` on ``route``; a :class:`Refusal` if it must not pass."""
-        route, items = self._rules.for_route(route)
+        items = self._routes.get(route)
+        if items is None:
+            route, items = self._rules.for_route(route)
         if not items:
             return None
         if self._held:

@@ -142,7 +142,7 @@ class FixedWindowHits:
         self._script = Script(storage.client, _HIT_ALL)
         self._prefix = storage.key_prefix
         self._elastic = b"1" if elastic else b"0"
-        self._plans: dict[Items, _Plan] = {}
+        self._plans: dict[int, _Plan] = {}
 
     def keys(self, items: Items, user: str, route: str) -> list[str]:
         """The Redis keys of ``items`` for this user and route (``limits``' key layout)."""
@@ -150,8 +150,10 @@ class FixedWindowHits:
         return [before + who + after for before, after in self._plan(items).around]
 
     def _plan(self, items: Items) -> _Plan:
-        plan = self._plans.get(items)
-        if plan is None:
+        # By identity: hashing the limits themselves runs Python code per limit. The plan holds
+        # its items, so their id cannot be reused while the plan is here.
+        plan = self._plans.get(id(items))
+        if plan is None or plan.items is not items:
             args: list[Arg] = [self._elastic]
             for item in items:
                 args += (item.get_expiry(), item.amount)
@@ -168,30 +170,38 @@ class FixedWindowHits:
                 )
                 for item in items
             ]
-            plan = self._plans[items] = _Plan(head, around, tail, args)
+            around_bytes = [(before.encode(), after.encode()) for before, after in around]
+            plan = self._plans[id(items)] = _Plan(items, head, around, around_bytes, tail, args)
         return plan
 
     async def __call__(self, items: Items, user: str, route: str) -> RateLimitItem | None:
         """Count one request against ``items``; the first limit it is over, else None."""
         plan = self._plan(items)
-        who = f"{user}/{route}"
-        keys = [before + who + after for before, after in plan.around]
+        who = f"{user}/{route}".encode()
         parts = [plan.head]
-        for key in keys:
-            data = key.encode()
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+        for before, after in plan.around_bytes:
+            parts += (
+                b"$%d\r\n" % (len(before) + len(who) + len(after)),
+                before,
+                who,
+                after,
+                b"\r\n",
+            )
         parts.append(plan.tail)
         try:
             index = await self._client.execute_encoded(b"".join(parts))
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            index = await self._script(keys, plan.args)  # loads it for the next call
+            # loads it for the next call
+            index = await self._script(self.keys(items, user, route), plan.args)
         return items[index - 1] if index else None
 
 
 class _Plan(NamedTuple):
+    items: Items
     head: bytes
     around: list[tuple[str, str]]  # per limit: what comes before and after "<user>/<route>"
+    around_bytes: list[tuple[bytes, bytes]]  # the same, encoded
     tail: bytes
     args: list[Arg]
