@@ -343,7 +343,7 @@ class Connection(asyncio.Protocol):
             if name == b"content-length":
                 length = int(value)
             elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+                chunked = value.lower().find(b"chunked") >= 0
         if not chunked:
             response.content_length = length
         self._to_eof = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
 
@@ -20,6 +21,9 @@ def match_prefix(path: bytes, prefix: bytes) -> bytes | None:
 
 
 _FORBIDDEN = (b"\\", b"\x00", b"\r", b"\n", b"\t")
+# What makes a path worth a closer look. One search, not four ``in`` tests: ``bytes in bytes``
+# is slow on CPython 3.11 (it first tries its operand as an integer, and builds the TypeError).
+_SUSPECT = re.compile(rb"[%\\]|/\.|//")
 _DOTS = (b".", b"..")
 
 
@@ -33,7 +37,7 @@ def is_safe_rest(rest: bytes) -> bool:
         return True
     if rest[0] != 0x2F:
         return False
-    if b"%" not in rest and b"/." not in rest and b"//" not in rest and b"\\" not in rest:
+    if _SUSPECT.search(rest) is None:
         return True  # the common case; the server already refused raw control characters
     decoded = unquote_to_bytes(rest) if b"%" in rest else rest
     if any(bad in decoded for bad in _FORBIDDEN):
