@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from openai_forward.resp_wire import (
@@ -49,6 +49,8 @@ class _Connection(asyncio.Protocol):
         # so one timer for the oldest is enough
         self._pending: deque[tuple[asyncio.Future[Reply], float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Commands held back until the end of this turn of the event loop, then written at once
+        self._held: list[bytes] = []
         self.closed = False
         self.gone = self._loop.create_future()  # done once the transport is really closed
 
@@ -60,11 +62,23 @@ class _Connection(asyncio.Protocol):
             raise RedisUnavailable("the connection to Redis is closed")
         future = self._loop.create_future()
         deadline = self._loop.time() + self._timeout
+        if not self._pending:
+            self._transport.write(payload)  # an idle connection: at once
+        else:
+            # Others are in flight: under load, many requests send a command in the same turn
+            # of the loop, and one write for all of them saves a system call per command.
+            if not self._held:
+                self._loop.call_soon(self._write_held)
+            self._held.append(payload)
         self._pending.append((future, deadline))
-        self._transport.write(payload)
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._check_deadline)
         return future
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, []
+        if self._transport is not None:  # else the commands have failed with the connection
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def data_received(self, data: bytes) -> None:
         pending = self._pending
@@ -154,11 +168,16 @@ class RedisClient:
             connection = await self._connect()
         return await connection.send(encode(args))
 
-    async def execute_encoded(self, payload: bytes) -> Any:
-        """:meth:`execute` for a command already encoded (hot paths pre-encode what is fixed)."""
+    def execute_encoded(self, payload: bytes) -> Awaitable[Any]:
+        """:meth:`execute` for a command already encoded (hot paths pre-encode what is fixed).
+        Once connected this is the reply's future itself: no coroutine per command."""
         connection = self._connection
         if connection is None or connection.closed:
-            connection = await self._connect()
+            return self._execute_encoded_later(payload)
+        return connection.send(payload)
+
+    async def _execute_encoded_later(self, payload: bytes) -> Any:
+        connection = await self._connect()
         return await connection.send(payload)
 
     async def _connect(self) -> _Connection:

@@ -144,6 +144,32 @@ async def test_pipelined_commands_each_get_their_own_reply(redis_server):
 
 
 @pytest.mark.redis
+async def test_commands_sent_while_others_are_in_flight_share_one_write(redis_server):
+    client = RedisClient(redis_server.url)
+    key = f"{redis_server.prefix}:w"
+    try:
+        await client.execute("PING")  # connected
+        connection = client._connection
+        assert connection is not None and connection._transport is not None
+        writes: list[bytes] = []
+        real_write = connection._transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        connection._transport.write = counted  # type: ignore[method-assign]
+        replies = await asyncio.gather(*[client.execute("INCR", key) for _ in range(50)])
+        assert replies == list(range(1, 51))
+        # the first at once (nothing was in flight), the 49 others together in the same turn
+        assert [data.count(b"INCR") for data in writes] == [1, 49]
+        assert await client.execute("INCR", key) == 51  # idle again: written at once
+        assert len(writes) == 3
+    finally:
+        await client.close()
+
+
+@pytest.mark.redis
 async def test_scripts_are_sent_once_and_then_run_by_sha(redis_server):
     client = RedisClient(redis_server.url)
     key = f"{redis_server.prefix}:s"
