@@ -182,8 +182,9 @@ class Forwarder:
         creds = self._keys.resolve(head.authorization)
         route = self._prefix + rest.decode("latin-1") if rest else self.target.prefix
 
+        client: str | None = None
         if self._limiter is not None:
-            user = creds.user or self._client.of(scope, head.forwarded_for)
+            user = creds.user or (client := self._client.of(scope, head.forwarded_for))
             refusal = await self._limiter.check(user, route)
             if refusal is not None:
                 await send_error(send, refusal.status, refusal.message, [*refusal.headers, *cors])
@@ -201,7 +202,9 @@ class Forwarder:
         ticket: Ticket | None = None
         extra = cors  # headers added to the relayed response
         if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
-            call = self._call(scope, rest, route, body, creds.user, head.forwarded_for)
+            if client is None:
+                client = self._client.of(scope, head.forwarded_for)
+            call = self._call(scope, rest, route, body, creds.user, client)
             if call is not None:
                 if self._chatlog is not None:
                     observers.append(self._chatlog.request(call))
@@ -270,7 +273,7 @@ class Forwarder:
         route: str,
         body: bytes,
         user: str | None,
-        forwarded_for: bytes | None,
+        client: str,
     ) -> Call | None:
         kind = self._kinds.get(rest, _UNKNOWN)
         if kind is _UNKNOWN:
@@ -287,5 +290,4 @@ class Forwarder:
         if not isinstance(payload, dict):
             return None
         query = scope["query_string"]
-        client = self._client.of(scope, forwarded_for)
         return Call(self.target, kind, route, payload, body, client, user, query=query)
