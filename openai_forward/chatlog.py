@@ -82,24 +82,30 @@ class _AnswerObserver:
     """Collects the relayed answer of one call; cheap on the loop and never raises."""
 
     __slots__ = (
+        "_asked",
         "_at",
-        "_call",
         "_chunks",
         "_closed",
         "_complete",
         "_headers",
         "_keep",
+        "_kind",
         "_log",
         "_path",
         "_size",
         "_status",
         "_tail",
+        "_uid",
     )
 
     def __init__(self, log: ChatLog, path: str, call: Call, at: float) -> None:
         self._log = log
         self._path = path
-        self._call = call
+        self._kind = call.kind
+        self._uid = call.uid
+        # What the request record needs, not the call: it holds the raw body as well, which
+        # would stay in memory until the writer gets to the record
+        self._asked = (call.kind, call.payload, call.client, call.uid, call.user)
         self._at = at
         self._status: int | None = None
         self._headers: Sequence[tuple[bytes, bytes]] = ()
@@ -130,15 +136,15 @@ class _AnswerObserver:
 
     def request_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
-        return self._log._dated(request_record(self._call), self._at)
+        return self._log._dated(request_record(*self._asked), self._at)
 
     def response_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
         chunks = self._chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return response_record(
-            self._call.kind,
-            self._call.uid,
+            self._kind,
+            self._uid,
             self._status,
             self._headers,
             body,

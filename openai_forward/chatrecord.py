@@ -20,7 +20,7 @@ from openai_forward.chatanswer import (
     read_json,
     read_stream,
 )
-from openai_forward.exchange import Call, CallKind
+from openai_forward.exchange import CallKind
 
 # Body fields that shape an answer, copied into the request record when the client sent them.
 _SAMPLING = (
@@ -61,10 +61,11 @@ _OPTIONAL_SET = {kind: frozenset(names) for kind, names in _OPTIONAL.items()}
 _PLACE = {kind: {name: i for i, name in enumerate(names)} for kind, names in _OPTIONAL.items()}
 
 
-def request_record(call: Call) -> dict[str, Any]:
-    """What the client asked: never a header, so never a key (``datetime`` is added by the log)."""
-    payload = call.payload
-    kind = call.kind
+def request_record(
+    kind: CallKind, payload: dict[str, Any], client: str, uid: str, user: str | None
+) -> dict[str, Any]:
+    """What the client asked (a call's parsed body, address, id and forward key hash): never a
+    header, so never a key (``datetime`` is added by the log)."""
     content = _CONTENT[kind]
     record: dict[str, Any] = {content: payload.get(content), "model": payload.get("model")}
     if kind != "embedding":
@@ -76,10 +77,10 @@ def request_record(call: Call) -> dict[str, Any]:
             record[name] = payload[name]
     if kind == "chat":
         record["tools"] = payload.get("tools")
-    record["ip"] = call.client
-    record["uid"] = call.uid
-    if call.user is not None:
-        record["key_hash"] = call.user  # which forward key: its hash, never the key
+    record["ip"] = client
+    record["uid"] = uid
+    if user is not None:
+        record["key_hash"] = user  # which forward key: its hash, never the key
     return record
 
 

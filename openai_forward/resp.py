@@ -135,6 +135,7 @@ class _Connection(asyncio.Protocol):
     def fail(self, error: RedisUnavailable) -> None:
         """Close the connection and fail every command still waiting on it."""
         self.closed = True
+        self._held.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
