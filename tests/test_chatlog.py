@@ -356,6 +356,82 @@ async def test_client_hanging_up_and_unreachable_upstream(proxy_factory, upstrea
     assert down["status"] is None and down["assistant"] == "" and down["complete"] is False
 
 
+async def test_a_request_is_logged_while_its_answer_runs_and_each_answer_follows_its_request(
+    proxy_factory, upstream, log_root
+):
+    """A call that ends before the writer's next batch has its answer written with its request;
+    a long one has its request written while it runs and its answer when it ends."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return await fake_openai.chat(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(fake_openai._chunk("c", "m", {"role": "assistant", "content": "A"}))
+        await release.wait()
+        await response.write(fake_openai._chunk("c", "m", {"content": "B"}, finish="stop"))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    upstream.route("/v1/chat/completions", handler)
+    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=str(log_root))
+    path = log_root / "openai" / "chat" / "chat.log"
+    slow = {"model": "m", "messages": [{"role": "user", "content": "slow"}], "stream": True}
+    fast = {"model": "m", "messages": [{"role": "user", "content": "fast"}]}
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=slow) as streaming:
+            chunks = streaming.aiter_raw()
+            assert b"A" in await chunks.__anext__()
+            (asked,) = await asyncio.to_thread(read_records, path, 1)
+            assert asked["messages"][0]["content"] == "slow" and "ip" in asked
+            assert (await client.post("/v1/chat/completions", json=fast)).status_code == 200
+            await asyncio.to_thread(read_records, path, 3)
+            release.set()
+            async for _ in chunks:
+                pass
+    records = await asyncio.to_thread(read_records, path, 4)
+    slow_uid, fast_uid = records[0]["uid"], records[1]["uid"]
+    assert [(r["uid"], "ip" in r) for r in records] == [
+        (slow_uid, True),
+        (fast_uid, True),
+        (fast_uid, False),
+        (slow_uid, False),
+    ]
+    assert records[2]["assistant"] == "echo: fast"
+    assert records[3]["assistant"] == "AB" and records[3]["complete"] is True
+
+
+async def test_concurrent_calls_of_any_length_each_get_one_request_then_one_answer(
+    proxy_factory, upstream, log_root
+):
+    # Calls ending before, during and after the writer's batches (it gathers for 20 ms)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        await asyncio.sleep(int(body["messages"][0]["content"]) % 7 * 0.01)
+        return await fake_openai.chat(request)
+
+    upstream.route("/v1/chat/completions", handler)
+    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=str(log_root))
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
+
+        async def call(i: int) -> None:
+            body = {"model": "m", "messages": [{"role": "user", "content": str(i)}]}
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+
+        for start in range(0, 120, 40):
+            await asyncio.gather(*[call(i) for i in range(start, start + 40)])
+    records = await asyncio.to_thread(read_records, log_root / "openai" / "chat" / "chat.log", 240)
+    seen: dict[str, list[bool]] = {}
+    for record in records:
+        seen.setdefault(record["uid"], []).append("ip" in record)
+    assert len(seen) == 120
+    assert all(kinds == [True, False] for kinds in seen.values())  # request first, once each
+    answers = sorted(r["assistant"] for _, r in pairs(records))
+    assert answers == sorted(f"echo: {i}" for i in range(120))
+
+
 async def test_records_are_written_by_shutdown(proxy_factory, upstream, log_root):
     fake_openai.install(upstream)
     proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=str(log_root))
