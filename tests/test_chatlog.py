@@ -380,17 +380,19 @@ async def test_a_request_is_logged_while_its_answer_runs_and_each_answer_follows
     path = log_root / "openai" / "chat" / "chat.log"
     slow = {"model": "m", "messages": [{"role": "user", "content": "slow"}], "stream": True}
     fast = {"model": "m", "messages": [{"role": "user", "content": "fast"}]}
-    async with httpx.AsyncClient(base_url=proxy.url) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=slow) as streaming:
-            chunks = streaming.aiter_raw()
-            assert b"A" in await chunks.__anext__()
-            (asked,) = await asyncio.to_thread(read_records, path, 1)
-            assert asked["messages"][0]["content"] == "slow" and "ip" in asked
-            assert (await client.post("/v1/chat/completions", json=fast)).status_code == 200
-            await asyncio.to_thread(read_records, path, 3)
-            release.set()
-            async for _ in chunks:
-                pass
+    async with (
+        httpx.AsyncClient(base_url=proxy.url) as client,
+        client.stream("POST", "/v1/chat/completions", json=slow) as streaming,
+    ):
+        chunks = streaming.aiter_raw()
+        assert b"A" in await chunks.__anext__()
+        (asked,) = await asyncio.to_thread(read_records, path, 1)
+        assert asked["messages"][0]["content"] == "slow" and "ip" in asked
+        assert (await client.post("/v1/chat/completions", json=fast)).status_code == 200
+        await asyncio.to_thread(read_records, path, 3)
+        release.set()
+        async for _ in chunks:
+            pass
     records = await asyncio.to_thread(read_records, path, 4)
     slow_uid, fast_uid = records[0]["uid"], records[1]["uid"]
     assert [(r["uid"], "ip" in r) for r in records] == [
