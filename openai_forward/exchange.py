@@ -36,7 +36,9 @@ class Call:
     target: Target
     kind: CallKind
     route: str  # as the client sees it: prefix + rest, no query
-    payload: dict[str, Any]  # the parsed body as the client sent it
+    # the parsed body as the client sent it; never changed once parsed: the chat log's writer
+    # thread reads it after the call (a feature that needs another body rewrites ``body``)
+    payload: dict[str, Any]
     body: bytes  # the body sent upstream (a feature may rewrite it, e.g. drop "caching")
     client: str  # client address
     user: str | None  # hashed forward key, if the client sent one

@@ -36,6 +36,9 @@ from openai_forward.resp_wire import (
     parse_url,
 )
 
+# Commands held back for one write are joined up to this size, and written one by one past it.
+HELD_JOIN_LIMIT = 64 * 1024
+
 __all__ = ["RedisClient", "RedisError", "RedisReplyError", "RedisUnavailable", "Script"]
 
 
@@ -77,8 +80,16 @@ class _Connection(asyncio.Protocol):
 
     def _write_held(self) -> None:
         held, self._held = self._held, []
-        if self._transport is not None:  # else the commands have failed with the connection
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if self._transport is None:  # the commands have failed with the connection
+            return
+        try:
+            if len(held) == 1 or sum(map(len, held)) > HELD_JOIN_LIMIT:
+                for payload in held:  # a large cached answer is not copied into a joined buffer
+                    self._transport.write(payload)
+            else:
+                self._transport.write(b"".join(held))
+        except Exception as exc:  # the boundary: fail the commands now, not at their deadline
+            self.fail(RedisUnavailable(f"cannot write to Redis ({type(exc).__name__}: {exc})"))
 
     def data_received(self, data: bytes) -> None:
         pending = self._pending

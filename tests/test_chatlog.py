@@ -359,8 +359,8 @@ async def test_client_hanging_up_and_unreachable_upstream(proxy_factory, upstrea
 async def test_a_request_is_logged_while_its_answer_runs_and_each_answer_follows_its_request(
     proxy_factory, upstream, log_root
 ):
-    """A call that ends before the writer's next batch has its answer written with its request;
-    a long one has its request written while it runs and its answer when it ends."""
+    """A long call has its request written while it runs and its answer when it ends, after
+    the pair of a shorter call made meanwhile."""
     release = asyncio.Event()
 
     async def handler(request: web.Request) -> web.StreamResponse:

@@ -357,3 +357,32 @@ def test_plain_chat_answer_read_directly_gives_the_general_record(answer, plain,
     monkeypatch.setattr(chatrecord, "_plain_chat", lambda headers, body: None)
     general = response_record("chat", "u1", 200, JSON, body, complete=True)
     assert list(direct.items()) == list(general.items())
+
+
+def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_body_order():
+    payload = {
+        "seed": 7,
+        "user": "u-1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+        "caching": True,  # ours: never recorded
+        "model": "m",
+        "metadata": {"x": 1},  # not a field the record keeps
+        "max_tokens": 5,
+    }
+    record = chatrecord.request_record("chat", payload, "10.0.0.1", "uid-1", None)
+    assert list(record) == [
+        "messages",
+        "model",
+        "stream",
+        "temperature",
+        "max_tokens",
+        "seed",
+        "user",
+        "tools",
+        "ip",
+        "uid",
+    ]
+    assert record["stream"] is False and record["tools"] is None and record["seed"] == 7
+    plain = chatrecord.request_record("embedding", {"input": "a", "model": "e"}, "ip", "u", "kh")
+    assert plain == {"input": "a", "model": "e", "ip": "ip", "uid": "u", "key_hash": "kh"}

@@ -152,13 +152,14 @@ async def test_commands_sent_while_others_are_in_flight_share_one_write(redis_se
         connection = client._connection
         assert connection is not None and connection._transport is not None
         writes: list[bytes] = []
-        real_write = connection._transport.write
+        transport = connection._transport
+        real_write = transport.write
 
-        def counted(data: bytes) -> None:
+        def write(data: bytes) -> None:
             writes.append(bytes(data))
             real_write(data)
 
-        connection._transport.write = counted  # type: ignore[method-assign]
+        transport.write = write  # type: ignore[method-assign]
         replies = await asyncio.gather(*[client.execute("INCR", key) for _ in range(50)])
         assert replies == list(range(1, 51))
         # the first at once (nothing was in flight), the 49 others together in the same turn
@@ -167,6 +168,54 @@ async def test_commands_sent_while_others_are_in_flight_share_one_write(redis_se
         assert len(writes) == 3
     finally:
         await client.close()
+
+
+@pytest.mark.redis
+async def test_a_held_command_that_cannot_be_written_fails_at_once(redis_server):
+    client = RedisClient(redis_server.url, timeout=30)
+    try:
+        await client.execute("PING")
+        connection = client._connection
+        assert connection is not None and connection._transport is not None
+        first = asyncio.ensure_future(client.execute("PING"))  # written at once: in flight
+        await asyncio.sleep(0)
+
+        def broken(data: bytes) -> None:
+            raise OSError("the socket is gone")
+
+        connection._transport.write = broken  # type: ignore[method-assign]
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match=r"cannot write to Redis.*socket is gone"):
+            await client.execute("PING")  # held, then its write fails
+        assert time.monotonic() - started < 5  # not at its 30 s deadline
+        with pytest.raises(RedisUnavailable):
+            await first  # the connection is closed with everything pending on it
+        assert await client.execute("PING") == b"PONG"  # a new connection
+    finally:
+        await client.close()
+
+
+async def test_an_integer_reply_cut_in_two_reads_is_still_read_whole():
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"PING\r\n")
+        writer.write(b":12")  # the quick path for a lone integer must leave this to the parser
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"3\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RedisClient(f"redis://127.0.0.1:{port}")
+    try:
+        assert await client.execute_encoded(b"*1\r\n$4\r\nPING\r\n") == 123
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.redis

@@ -56,6 +56,7 @@ class ResponseCache:
         # A store that reads and writes at once (MEMORY) is used directly, without a coroutine
         # or a task.
         self._put: Callable[[bytes, bytes], None] | None = getattr(store, "put", None)
+        # (a store offers ``peek`` only if it cannot fail: no I/O, nothing to step aside from)
         self._peek: Callable[[bytes], bytes | None] | None = getattr(store, "peek", None)
         self._settle_call = self._settle  # one bound method, not one per ticket
         self._kinds = kinds
@@ -99,6 +100,8 @@ class ResponseCache:
         call of an openai-type target comes here, since that field is ours and must never reach
         the upstream."""
         payload = call.payload
+        if call.kind not in self._kinds and "caching" not in payload:
+            return None
         fields = dict(payload)  # becomes the fields of the key
         flag = fields.pop("caching", None)
         if "caching" in payload:
