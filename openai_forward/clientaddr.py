@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 from openai_forward.types import Scope
 
 _CACHE_KEY = "openai_forward.client"
+_IN_HEADERS: Any = object()  # "look for X-Forwarded-For in the request's headers"
 _MEMO_SIZE = 4096  # distinct hosts whose trust is remembered (parsing an address is costly)
 
 
@@ -37,36 +39,28 @@ class ClientAddress:
         return any(address in network for network in self._networks)
 
     def __call__(self, scope: Scope) -> str:
+        return self.of(scope, _IN_HEADERS)
+
+    def of(self, scope: Scope, forwarded_for: Any) -> str:
+        """The client's address, worked out once per request. ``forwarded_for``: the request's
+        first ``X-Forwarded-For`` if the caller has found it already (None: there is none),
+        else ``_IN_HEADERS``."""
         cached: str | None = scope.get(_CACHE_KEY)
         if cached is None:
-            cached = scope[_CACHE_KEY] = self._resolve(scope)
+            cached = scope[_CACHE_KEY] = self._resolve(scope, forwarded_for)
         return cached
 
-    def of(self, scope: Scope, forwarded_for: bytes | None) -> str:
-        """``self(scope)`` for a caller that has already found the request's first
-        ``X-Forwarded-For`` header (None: there is none)."""
-        cached: str | None = scope.get(_CACHE_KEY)
-        if cached is None:
-            client = scope.get("client")
-            peer = client[0] if client else "unknown"
-            if forwarded_for is not None and self.is_trusted(peer):
-                cached = self._walk(forwarded_for, peer)
-            else:
-                cached = peer
-            scope[_CACHE_KEY] = cached
-        return cached
-
-    def _resolve(self, scope: Scope) -> str:
+    def _resolve(self, scope: Scope, forwarded_for: Any) -> str:
         client = scope.get("client")
         peer = client[0] if client else "unknown"
         if not self.is_trusted(peer):
             return peer
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                return self._walk(value, peer)
-        return peer
-
-    def _walk(self, forwarded_for: bytes, peer: str) -> str:
+        if forwarded_for is _IN_HEADERS:
+            forwarded_for = next(
+                (value for name, value in scope["headers"] if name == b"x-forwarded-for"), None
+            )
+        if forwarded_for is None:
+            return peer
         hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
         # Each trusted proxy appends the address it saw: walk back from the nearest one and stop
         # at the first address that is not a trusted proxy.

@@ -17,9 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import orjson
-
-from openai_forward.cache.keys import key_of_fields, wants_usage
+from openai_forward.cache.keys import key_of_fields, split_body, wants_usage
 from openai_forward.cache.store import (
     ON_DISK,
     Store,
@@ -102,15 +100,13 @@ class ResponseCache:
         payload = call.payload
         if call.kind not in self._kinds and "caching" not in payload:
             return None
-        fields = dict(payload)  # becomes the fields of the key
-        flag = fields.pop("caching", None)
-        if "caching" in payload:
-            call.body = orjson.dumps(fields)  # the same bytes as without_caching_field()
+        fields, body = split_body(payload)
+        if body is not None:
+            call.body = body
         if call.kind not in self._kinds:
             return None
         chat = call.kind == "chat"
-        fields.pop("stream", None)
-        fields.pop("stream_options", None)
+        flag = payload.get("caching")
         key = key_of_fields(call.target.base_url, call.route, call.query, fields)
         reads = flag if isinstance(flag, bool) else self._read_by_default
         if not reads or (self._members_only and call.user is None):

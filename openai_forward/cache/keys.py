@@ -20,10 +20,20 @@ NOT_IN_KEY = frozenset({"stream", "stream_options", "caching"})
 
 def cache_key(base_url: str, route: str, query: bytes, payload: dict[str, Any]) -> bytes:
     """The 32-byte key of a request whose JSON body is ``payload``."""
+    return key_of_fields(base_url, route, query, split_body(payload)[0])
+
+
+def split_body(payload: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """From one copy of ``payload``: the fields that make its key, and the body to send upstream
+    when the client added our ``caching`` field (None: the body goes as it came)."""
     fields = dict(payload)
+    body = None
+    if "caching" in fields:
+        del fields["caching"]
+        body = orjson.dumps(fields)
     for name in NOT_IN_KEY:
         fields.pop(name, None)
-    return key_of_fields(base_url, route, query, fields)
+    return fields, body
 
 
 def key_of_fields(base_url: str, route: str, query: bytes, fields: dict[str, Any]) -> bytes:
@@ -37,7 +47,8 @@ def key_of_fields(base_url: str, route: str, query: bytes, fields: dict[str, Any
 
 def without_caching_field(payload: dict[str, Any]) -> bytes:
     """The body to send upstream when the client added our ``caching`` field."""
-    return orjson.dumps({name: value for name, value in payload.items() if name != "caching"})
+    body = split_body(payload)[1]
+    return orjson.dumps(payload) if body is None else body
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:

@@ -146,8 +146,8 @@ class FixedWindowHits:
 
     def keys(self, items: Items, user: str, route: str) -> list[str]:
         """The Redis keys of ``items`` for this user and route (``limits``' key layout)."""
-        who = f"{user}/{route}"
-        return [before + who + after for before, after in self._plan(items).around]
+        who = f"{user}/{route}".encode()
+        return [(before + who + after).decode() for before, after in self._plan(items).around]
 
     def _plan(self, items: Items) -> _Plan:
         # By identity: hashing the limits themselves runs Python code per limit. The plan holds
@@ -165,13 +165,12 @@ class FixedWindowHits:
             tail = tail[tail.index(b"\r\n") + 2 :]
             around = [
                 (
-                    f"{self._prefix}:{item.namespace}/",
-                    f"/{item.amount}/{item.multiples}/{item.GRANULARITY.name}",
+                    f"{self._prefix}:{item.namespace}/".encode(),
+                    f"/{item.amount}/{item.multiples}/{item.GRANULARITY.name}".encode(),
                 )
                 for item in items
             ]
-            around_bytes = [(before.encode(), after.encode()) for before, after in around]
-            plan = self._plans[id(items)] = _Plan(items, head, around, around_bytes, tail, args)
+            plan = self._plans[id(items)] = _Plan(items, head, around, tail, args)
         return plan
 
     async def __call__(self, items: Items, user: str, route: str) -> RateLimitItem | None:
@@ -179,7 +178,7 @@ class FixedWindowHits:
         plan = self._plan(items)
         who = f"{user}/{route}".encode()
         parts = [plan.head]
-        for before, after in plan.around_bytes:
+        for before, after in plan.around:
             parts += (
                 b"$%d\r\n" % (len(before) + len(who) + len(after)),
                 before,
@@ -201,7 +200,7 @@ class FixedWindowHits:
 class _Plan(NamedTuple):
     items: Items
     head: bytes
-    around: list[tuple[str, str]]  # per limit: what comes before and after "<user>/<route>"
-    around_bytes: list[tuple[bytes, bytes]]  # the same, encoded
+    # per limit: what comes before and after "<user>/<route>" in its key, encoded
+    around: list[tuple[bytes, bytes]]
     tail: bytes
     args: list[Arg]
