@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -59,99 +58,116 @@ class ChatLog:
     def request(self, call: Call) -> Observer:
         """Record the request (sets ``call.uid``); the observer records the answer. Both records
         are made in the writer thread (the parsed body is never changed once parsed)."""
-        call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
-        key = (call.target.prefix, call.kind)
+        uid = call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
+        kind = call.kind
+        key = (call.target.prefix, kind)
         path = self._paths.get(key)
         if path is None:
-            path = self._paths[key] = f"{call.target.log_name}/{call.kind}/{call.kind}.log"
-        observer = _AnswerObserver(self, path, call, time.time())
+            path = self._paths[key] = f"{call.target.log_name}/{kind}/{kind}.log"
+        observer = _OBSERVERS[kind](
+            self, path, (kind, call.payload, call.client, uid, call.user, time.time())
+        )
         self._writer.submit(path, observer.request_record)
         return observer
 
-    def _dated(self, record: dict[str, Any], at: float) -> dict[str, Any]:
+    def _stamp(self, at: float) -> str:
         """Runs in the writer thread, which alone touches the cached text of the last second."""
         second = int(at)
         if second != self._second:
             self._second = second
             self._second_text = datetime.fromtimestamp(second, self._tz).strftime(DATETIME_FORMAT)
-        record["datetime"] = self._second_text
-        return record
+        return self._second_text
 
 
 class _AnswerObserver:
-    """Collects the relayed answer of one call; cheap on the loop and never raises."""
+    """Collects the relayed answer of one call; cheap on the loop and never raises.
 
-    __slots__ = (
+    Until ``start``, ``_status`` is None (no answer) and ``_headers`` unset; ``_complete`` is None
+    until ``close``. Past ``KEEP`` bytes only the answer's last ``TAIL_BYTES`` are kept."""
+
+    __slots__ = (  # (the answer's size limit is per kind: KEEP, in the subclasses)
         "_asked",
-        "_at",
         "_chunks",
-        "_closed",
         "_complete",
         "_headers",
-        "_keep",
-        "_kind",
         "_log",
         "_path",
         "_size",
         "_status",
         "_tail",
-        "_uid",
     )
+    KEEP = KEEP_BYTES["chat"]
 
-    def __init__(self, log: ChatLog, path: str, call: Call, at: float) -> None:
+    def __init__(self, log: ChatLog, path: str, asked: _Asked) -> None:
         self._log = log
         self._path = path
-        self._kind = call.kind
-        self._uid = call.uid
         # What the request record needs, not the call: it holds the raw body as well, which
         # would stay in memory until the writer gets to the record
-        self._asked = (call.kind, call.payload, call.client, call.uid, call.user)
-        self._at = at
+        self._asked = asked
         self._status: int | None = None
-        self._headers: Sequence[tuple[bytes, bytes]] = ()
         self._chunks: list[bytes] = []
         self._size = 0
-        self._keep = KEEP_BYTES[call.kind]
         self._tail = b""
-        self._closed = False
-        self._complete = False
+        self._complete: bool | None = None
 
     def start(self, status: int, headers: Headers) -> None:
         self._status = status
         self._headers = tuple(headers)  # read later, in the writer thread
 
     def feed(self, chunk: bytes) -> None:
-        if self._size < self._keep:
+        if self._size < self.KEEP:
             self._chunks.append(chunk)
         else:
             self._tail = (self._tail + chunk)[-TAIL_BYTES:]
         self._size += len(chunk)
 
     def close(self, complete: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._complete = complete
-        self._log._writer.submit(self._path, self.response_record)
+        if self._complete is None:
+            self._complete = complete
+            self._log._writer.submit(self._path, self.response_record)
 
     def request_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
-        return self._log._dated(request_record(*self._asked), self._at)
+        kind, payload, client, uid, user, at = self._asked
+        record = request_record(kind, payload, client, uid, user)
+        record["datetime"] = self._log._stamp(at)
+        return record
 
     def response_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
         chunks = self._chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        truncated = self._size > len(body)
+        status = self._status
         return response_record(
-            self._kind,
-            self._uid,
-            self._status,
-            self._headers,
+            self._asked[0],
+            self._asked[3],
+            status,
+            () if status is None else self._headers,
             body,
             tail=self._tail,
-            complete=self._complete,
-            truncated=self._size > len(body),
+            complete=bool(self._complete),
+            truncated=truncated,
         )
+
+
+class _CompletionObserver(_AnswerObserver):
+    __slots__ = ()
+    KEEP = KEEP_BYTES["completion"]
+
+
+class _EmbeddingObserver(_AnswerObserver):
+    __slots__ = ()
+    KEEP = KEEP_BYTES["embedding"]
+
+
+# (kind, parsed body, client address, uid, forward key hash, time of the request)
+_Asked = tuple[CallKind, dict[str, Any], str, str, "str | None", float]
+_OBSERVERS: dict[CallKind, type[_AnswerObserver]] = {
+    "chat": _AnswerObserver,
+    "completion": _CompletionObserver,
+    "embedding": _EmbeddingObserver,
+}
 
 
 def _zone(name: str | None) -> tzinfo | None:

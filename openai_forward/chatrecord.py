@@ -133,28 +133,25 @@ def response_record(
 ) -> dict[str, Any]:
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
-    ok = status is not None and 200 <= status < 300
     # name -> value of the first header of that name, as _header() finds it
     named = dict(reversed(headers)) if headers else {}
-    plain = _plain_chat(named, body) if kind == "chat" and ok and not truncated else None
-    record: dict[str, Any]
-    if plain is not None:
-        content, finish_reason, usage = plain
-        record = {"assistant": content, "is_tool_calls": False, "finish_reason": finish_reason}
-        error, malformed = None, False
-    else:
-        if kind == "embedding" and ok:
-            truncated = False  # by design: only the ends of a batch of vectors are kept
-        answer = _read_answer(kind, ok, headers, body, tail, truncated)
-        if status is not None and not ok and answer.error is None:
-            answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
-        record = {}
-        if kind != "embedding":
-            summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
-            record.update(summaries[0] if summaries else Choice().summary())
-            if len(summaries) > 1:
-                record["choices"] = summaries
-        usage, error, malformed = answer.usage, answer.error, answer.malformed
+    if kind == "chat" and status is not None and 200 <= status < 300 and not truncated:
+        plain = _plain_chat(named, body, uid, status, complete)
+        if plain is not None:
+            return plain
+    ok = status is not None and 200 <= status < 300
+    if kind == "embedding" and ok:
+        truncated = False  # by design: only the ends of a batch of vectors are kept
+    answer = _read_answer(kind, ok, headers, body, tail, truncated)
+    if status is not None and not ok and answer.error is None:
+        answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
+    record: dict[str, Any] = {}
+    if kind != "embedding":
+        summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
+        record.update(summaries[0] if summaries else Choice().summary())
+        if len(summaries) > 1:
+            record["choices"] = summaries
+    usage, error, malformed = answer.usage, answer.error, answer.malformed
     record["uid"] = uid
     if usage is not None:
         record["usage"] = usage
@@ -173,14 +170,15 @@ _PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
 
 
 def _plain_chat(
-    headers: dict[bytes, bytes], body: bytes
-) -> tuple[str, Any, dict[str, Any] | None] | None:
-    """Content, finish reason and usage of the usual chat answer, read directly: one JSON choice
-    whose message is plain text. None for anything else (tool calls, reasoning, several choices,
-    content codings, errors, streams), which the general assembly handles. The record is the one
-    the general assembly would make, at about half the cost."""
-    content_type = headers.get(b"content-type", b"")
-    if not content_type.startswith(b"application/json") or headers.get(b"content-encoding"):
+    headers: dict[bytes, bytes], body: bytes, uid: str, status: int, complete: bool
+) -> dict[str, Any] | None:
+    """The record of the usual chat answer, read directly: one JSON choice whose message is plain
+    text. None for anything else (tool calls, reasoning, several choices, content codings,
+    errors, streams), which the general assembly handles. The record is the one the general
+    assembly would make, key order included, at a fraction of the cost."""
+    if not headers.get(b"content-type", b"").startswith(b"application/json") or headers.get(
+        b"content-encoding"
+    ):
         return None
     try:
         data = orjson.loads(body)
@@ -198,8 +196,19 @@ def _plain_chat(
     content = message.get("content")
     if content.__class__ is not str:
         return None
+    record = {
+        "assistant": content,
+        "is_tool_calls": False,
+        "finish_reason": choice.get("finish_reason"),
+        "uid": uid,
+    }
     usage = data.get("usage")
-    return content, choice.get("finish_reason"), usage if usage.__class__ is dict else None
+    if usage.__class__ is dict:
+        record["usage"] = usage
+    record["status"] = status
+    record["cached"] = headers.get(b"x-cache", b"").upper() == b"HIT"
+    record["complete"] = complete
+    return record
 
 
 def _read_answer(

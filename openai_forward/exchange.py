@@ -40,7 +40,7 @@ class Call:
     # thread reads it after the call (a feature that needs another body rewrites ``body``)
     payload: dict[str, Any]
     body: bytes  # the body sent upstream (a feature may rewrite it, e.g. drop "caching")
-    client: str  # client address
+    client: str  # client address ("" when no feature that sees the call needs it)
     user: str | None  # hashed forward key, if the client sent one
     uid: str = ""  # set by the chat log
     query: bytes = b""  # the raw query string (part of the cache key)

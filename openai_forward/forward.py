@@ -202,9 +202,9 @@ class Forwarder:
         ticket: Ticket | None = None
         extra = cors  # headers added to the relayed response
         if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
-            if client is None:
+            if client is None and self._chatlog is not None:  # (only the chat log needs it)
                 client = self._client.of(scope, head.forwarded_for)
-            call = self._call(scope, rest, route, body, creds.user, client)
+            call = self._call(scope, rest, route, body, creds.user, client or "")
             if call is not None:
                 if self._chatlog is not None:
                     observers.append(self._chatlog.request(call))

@@ -352,9 +352,9 @@ def test_plain_chat_answer_read_directly_gives_the_general_record(answer, plain,
     same, key order included (it is the line written to the log). Other shapes go the general
     way."""
     body = orjson.dumps(answer)
-    assert (chatrecord._plain_chat(dict(JSON), body) is not None) is plain
+    assert (chatrecord._plain_chat(dict(JSON), body, "u1", 200, True) is not None) is plain
     direct = response_record("chat", "u1", 200, JSON, body, complete=True)
-    monkeypatch.setattr(chatrecord, "_plain_chat", lambda headers, body: None)
+    monkeypatch.setattr(chatrecord, "_plain_chat", lambda *args: None)
     general = response_record("chat", "u1", 200, JSON, body, complete=True)
     assert list(direct.items()) == list(general.items())
 

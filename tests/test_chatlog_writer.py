@@ -43,6 +43,22 @@ def test_rotation_by_size_keeps_the_newest_whole_lines(tmp_path: Path):
     assert len(numbers) >= 3 * (1000 // 62)  # three full backups at least
 
 
+def test_entries_of_several_files_in_one_batch_each_reach_their_file_in_order(tmp_path: Path):
+    """A batch larger than the writer's clock-check stride, switching files back and forth."""
+    writer = LogWriter(tmp_path, linger=60)  # nothing is written before stop: one batch
+    writer.start()
+    names = ("a/chat/chat.log", "b/chat/chat.log", "a/embedding/embedding.log")
+    for i in range(300):
+        path = names[(i // 7) % len(names)]
+        writer.submit(path, lambda i=i, path=path: {"i": i, "path": path})
+    writer.stop()
+    for path in names:
+        records = [orjson.loads(line) for line in (tmp_path / path).read_bytes().splitlines()]
+        assert {r["path"] for r in records} == {path}
+        expected = [i for i in range(300) if names[(i // 7) % len(names)] == path]
+        assert [r["i"] for r in records] == expected
+
+
 def test_folders_and_files_are_private(tmp_path: Path):
     umask = os.umask(0)
     os.umask(umask)
