@@ -689,7 +689,7 @@ def render_feature_costs(results: dict[str, list[dict[str, float]]]) -> str | No
     interleaved, so pairing within a repetition cancels part of the machine's drift)."""
     rows = [["feature"]]
     for _, title in DELTA_METRICS:
-        rows[0] += [f"added {title}", "x bare"]
+        rows[0] += [f"added {title}", "x bare (min-max)"]
     for label, runs in results.items():
         kind, _, feature = label.partition(":")
         bare = results.get(f"{kind}:bare", [])
@@ -705,8 +705,12 @@ def render_feature_costs(results: dict[str, list[dict[str, float]]]) -> str | No
             if not pairs:
                 cells += ["-", "-"]
                 continue
+            ratios = [a / b for a, b in pairs]
             cells.append(f"{statistics.median(a - b for a, b in pairs):+.0f}")
-            cells.append(f"{statistics.median(a / b for a, b in pairs):.2f}")
+            # with the spread over repetitions: on a shared machine it is often wider than the
+            # cost of a feature
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            cells.append(f"{statistics.median(ratios):.2f}{spread}")
         rows.append(cells)
     return markdown_table(rows) if len(rows) > 1 else None
 
