@@ -100,13 +100,6 @@ def _usage_only(body: bytes, tail: bytes) -> Answer:
     return answer
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
-    for key, value in headers:
-        if key == name:
-            return value
-    return b""
-
-
 def _decoded(body: bytes, encoding: bytes) -> bytes | None:
     """The body without its content coding (the upstream is asked for none, but may use one)."""
     if encoding in (b"", b"identity"):
@@ -133,7 +126,7 @@ def response_record(
 ) -> dict[str, Any]:
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
-    # name -> value of the first header of that name, as _header() finds it
+    # name -> value of the first header of that name
     named = dict(reversed(headers)) if headers else {}
     if kind == "chat" and status is not None and 200 <= status < 300 and not truncated:
         plain = _plain_chat(named, body, uid, status, complete)
@@ -142,7 +135,7 @@ def response_record(
     ok = status is not None and 200 <= status < 300
     if kind == "embedding" and ok:
         truncated = False  # by design: only the ends of a batch of vectors are kept
-    answer = _read_answer(kind, ok, headers, body, tail, truncated)
+    answer = _read_answer(kind, ok, named, body, tail, truncated)
     if status is not None and not ok and answer.error is None:
         answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
     record: dict[str, Any] = {}
@@ -214,21 +207,21 @@ def _plain_chat(
 def _read_answer(
     kind: CallKind,
     ok: bool,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: dict[bytes, bytes],
     body: bytes,
     tail: bytes,
     truncated: bool,
 ) -> Answer:
     if not (body or tail):
         return Answer()
-    decoded = _decoded(body, _header(headers, b"content-encoding").lower())
+    decoded = _decoded(body, headers.get(b"content-encoding", b"").lower())
     if decoded is None:
         return Answer(error="undecodable content-encoding")
     if decoded is not body:
         tail = b""  # the end of a compressed stream cannot be decoded on its own
     if kind == "embedding" and ok:
         return _usage_only(decoded, tail)
-    if _header(headers, b"content-type").startswith(b"text/event-stream"):
+    if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
         return read_stream(decoded, tail, kind)
     if truncated:
         return _usage_only(decoded, tail)  # a whole JSON answer over the limit: only its usage
