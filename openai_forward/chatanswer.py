@@ -6,17 +6,15 @@ Pure and forgiving: any shape of chunk is tolerated; what cannot be read is skip
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from openai_forward.exchange import CallKind
-from openai_forward.sse import EventSplitter, event_data, parse_plain_stream
+from openai_forward.sse import DONE, parse_data, split_stream, stream_data
 
 ERROR_TEXT_LIMIT = 2000
-_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 @dataclass(slots=True)
@@ -126,105 +124,34 @@ def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bo
         if finish is not None:
             choice.finish_reason = finish
         value = item.get(field)
-        if value.__class__ is dict:
-            if len(value) == 1 and "content" in value:  # the usual delta: just text
-                content = value["content"]
-                if isinstance(content, str):
-                    choice.parts.append(content)
-            else:
-                _add_message(choice, value)
+        if isinstance(value, dict):
+            _add_message(choice, value)
         elif isinstance(value, str):  # a completion's text
             choice.parts.append(value)
 
 
 def read_stream(head: bytes, tail: bytes, kind: CallKind) -> Answer:
-    """An answer assembled from a stream body (``tail``: see :func:`stream_payloads`)."""
-    answer = Answer()
-    chunks = None if tail else parse_plain_stream(head)
-    if chunks is None:
-        chunks = _parse_each(stream_payloads(head, tail), answer)
-    text: list[str] | None = None
-    for chunk in chunks:
-        if chunk.__class__ is not dict:
-            answer.malformed = True
-            continue
-        # Fast path for the bulk of a chat stream, one text delta of choice 0: no calls, few
-        # look-ups (this loop is most of the chat log's cost).
-        choices = chunk.get("choices")
-        if (
-            kind == "chat"
-            and choices.__class__ is list
-            and len(choices) == 1
-            and chunk.get("usage") is None
-            and "error" not in chunk
-        ):
-            item = choices[0]
-            if (
-                item.__class__ is dict
-                and not item.get("index")
-                and item.get("finish_reason") is None
-            ):
-                delta = item.get("delta")
-                if delta.__class__ is dict and len(delta) == 1:
-                    content = delta.get("content")
-                    if content.__class__ is str:
-                        if text is None:
-                            text = answer.choice(0).parts
-                        text.append(content)
-                        continue
-        _add_object(answer, kind, chunk, stream=True)
-    return answer
-
-
-def _parse_each(payloads: list[bytes], answer: Answer) -> list[Any]:
-    """Every payload parsed; the ones that are not JSON are skipped and flag the answer."""
-    if not payloads:
-        return []
-    try:
-        # One parse of them all as an array is several times cheaper than one call each.
-        parsed = orjson.loads(b"[" + b",".join(payloads) + b"]")
-        if isinstance(parsed, list) and len(parsed) == len(payloads):
-            return parsed
-    except orjson.JSONDecodeError:
-        pass
-    parsed = []
-    for payload in payloads:
-        try:
-            parsed.append(orjson.loads(payload))
-        except orjson.JSONDecodeError:
-            answer.malformed = True
-    return parsed
-
-
-def stream_payloads(head: bytes, tail: bytes = b"") -> list[bytes]:
-    """The ``data`` of the events of a stream body, ``[DONE]`` left out. ``tail`` is the end of
-    a body too long to keep whole: it starts mid-event, so its first partial event is skipped."""
-    payloads = _payloads(head)
+    """An answer assembled from a stream body. ``tail`` is the end of a body too long to keep
+    whole (``head`` is its start): it begins mid-event, so its first, partial event is skipped."""
+    payloads = stream_data(split_stream(head))
     if tail:
-        boundary = _BOUNDARY.search(tail)
-        if boundary is not None:
-            payloads += _payloads(tail[boundary.end() :])
-    return payloads
-
-
-def _payloads(body: bytes) -> list[bytes]:
-    """An unterminated last event is included: it is used if it parses."""
-    if b"\r" in body:
-        splitter = EventSplitter()
-        events = splitter.feed(body)
-        events.append(splitter.flush())
-    else:  # the usual case, where a plain split is much faster than the splitter's regex
-        events = body.split(b"\n\n")
-    out = []
-    for event in events:
-        if event.startswith(b"data: ") and b"\n" not in event.rstrip():
-            data: bytes | None = event[6:].rstrip()
+        payloads += stream_data(split_stream(tail)[1:])
+    payloads = [data for data in payloads if data and data != DONE]
+    answer = Answer()
+    chunks = parse_data(payloads)
+    if chunks is None:  # some event is not JSON: skip it, and say so
+        chunks = []
+        for payload in payloads:
+            try:
+                chunks.append(orjson.loads(payload))
+            except orjson.JSONDecodeError:
+                answer.malformed = True
+    for chunk in chunks:
+        if isinstance(chunk, dict):
+            _add_object(answer, kind, chunk, stream=True)
         else:
-            data = event_data(event)
-            data = data.strip() if data is not None else None
-        if data and data != b"[DONE]":
-            out.append(data)
-    return out
+            answer.malformed = True
+    return answer
 
 
 def read_json(body: bytes, kind: CallKind) -> Answer:

@@ -1,15 +1,21 @@
-"""Incremental Server-Sent Events splitting: feed chunks split anywhere, get whole events.
+"""Server-Sent Events: splitting a stream into events, and reading the ``data`` of whole streams.
 
-No I/O. Events keep their exact bytes (terminator included) so a relay can pass them on verbatim.
+No I/O. :class:`EventSplitter` takes chunks cut anywhere and gives whole events with their exact
+bytes (terminator included), so a relay can pass them on verbatim. The cache and the chat log read
+a whole stream body after the fact with :func:`split_stream`, :func:`stream_data` and
+:func:`parse_data`, the same splitter underneath.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
+DONE = b"[DONE]"  # the data of OpenAI's last event
+# An event ends at a blank line, whichever line ending the server uses.
 _TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
@@ -19,7 +25,7 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events completed by ``chunk``, each with its terminating blank line."""
-        buffer = self._buffer + chunk if self._buffer else chunk
+        buffer = self._buffer + chunk
         events = []
         start = 0
         for match in _TERMINATOR.finditer(buffer):
@@ -45,25 +51,41 @@ def event_data(event: bytes) -> bytes | None:
     return data
 
 
-def parse_plain_stream(body: bytes) -> list[Any] | None:
-    """The usual stream, nothing but one-line ``data: {...}`` events, parsed as one JSON array
-    made by replacing the event boundaries with commas (a raw newline cannot occur inside JSON,
-    so the boundaries are unambiguous). None when the body is anything else."""
-    if not body.startswith(b"data: "):
-        return None
-    body = body.rstrip()
-    if body.endswith(b"data: [DONE]"):
-        body = body[: -len(b"data: [DONE]")].rstrip()
-        if not body:
-            return []
-    inner = body[6:]
-    array = b"[" + inner.replace(b"\n\ndata: ", b",") + b"]"
-    if b"\n" in array or b"\r" in array:
-        return None
+def split_stream(body: bytes) -> list[bytes]:
+    """The events of a whole stream body, in order. An unterminated last event is included: a
+    stream cut short still shows what it said."""
+    splitter = EventSplitter()
+    events = splitter.feed(body)
+    rest = splitter.flush()
+    if rest:
+        events.append(rest)
+    return events
+
+
+def stream_data(events: Iterable[bytes]) -> list[bytes]:
+    """The ``data`` of each event, stripped of surrounding whitespace; events without data
+    (comments, keep-alives) are left out. ``[DONE]`` is kept: what it means is the caller's."""
+    found = []
+    for event in events:
+        data = event_data(event)
+        if data is not None:
+            found.append(data.strip())
+    return found
+
+
+def parse_data(payloads: list[bytes]) -> list[Any] | None:
+    """Each payload parsed as JSON, or None if one of them is not a JSON value.
+
+    A stream has hundreds of small events: they are parsed together, as the items of one JSON
+    array, which costs far less than a parse per event. A payload holding two values, or half of
+    one, breaks that parse or changes the number of items; only two halves of one value split
+    over two events could pass as two. A caller that must know which payload was bad parses
+    them one by one after a None.
+    """
+    if not payloads:
+        return []
     try:
-        parsed = orjson.loads(array)
+        parsed = orjson.loads(b"[" + b",".join(payloads) + b"]")
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(parsed, list) or len(parsed) != inner.count(b"\n\ndata: ") + 1:
-        return None
-    return parsed
+    return parsed if len(parsed) == len(payloads) else None

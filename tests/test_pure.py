@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from openai_forward.paths import is_safe_rest, match_prefix
-from openai_forward.sse import EventSplitter, event_data
+from openai_forward.sse import EventSplitter, event_data, parse_data, split_stream, stream_data
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,83 @@ def test_splitter_keeps_unterminated_tail():
 )
 def test_event_data(event, data):
     assert event_data(event) == data
+
+
+# (stream body, its events, the data of those events)
+STREAMS = [
+    pytest.param(
+        b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n',
+        [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"],
+        [b'{"a":1}', b'{"b":2}', b"[DONE]"],
+        id="lf",
+    ),
+    pytest.param(
+        b"data: 1\r\n\r\ndata: 2\r\n\r\n",
+        [b"data: 1\r\n\r\n", b"data: 2\r\n\r\n"],
+        [b"1", b"2"],
+        id="crlf",
+    ),
+    pytest.param(
+        b"data: 1\r\rdata: 2\r\r", [b"data: 1\r\r", b"data: 2\r\r"], [b"1", b"2"], id="cr"
+    ),
+    pytest.param(
+        b": keep-alive\n\nevent: ping\n\ndata:x\n\n",
+        [b": keep-alive\n\n", b"event: ping\n\n", b"data:x\n\n"],
+        [b"x"],
+        id="comment-ping-no-space",
+    ),
+    pytest.param(
+        b"id: 7\ndata: line1\ndata: line2\n\n",
+        [b"id: 7\ndata: line1\ndata: line2\n\n"],
+        [b"line1\nline2"],
+        id="multi-line-data",
+    ),
+    pytest.param(
+        b"data: 1\n\ndata: 2",
+        [b"data: 1\n\n", b"data: 2"],
+        [b"1", b"2"],
+        id="unterminated-last",
+    ),
+    pytest.param(b"data:  padded \n\n", [b"data:  padded \n\n"], [b"padded"], id="whitespace"),
+    pytest.param(b"", [], [], id="empty"),
+]
+
+
+def _cuts(body: bytes) -> list[list[bytes]]:
+    """``body`` cut at every position, and at every pair of positions."""
+    out = [[body]]
+    for i in range(len(body) + 1):
+        out.append([body[:i], body[i:]])
+        for j in range(i, len(body) + 1):
+            out.append([body[:i], body[i:j], body[j:]])
+    return out
+
+
+@pytest.mark.parametrize("body, events, data", STREAMS)
+def test_stream_split_at_any_place_gives_the_same_events(body, events, data):
+    """Fed in chunks cut anywhere (inside a terminator too), the splitter gives the events of
+    the whole body; read whole, the body gives the same events and their data."""
+    assert split_stream(body) == events
+    assert stream_data(split_stream(body)) == data
+    for chunks in _cuts(body):
+        splitter = EventSplitter()
+        found = [event for chunk in chunks for event in splitter.feed(chunk)]
+        tail = splitter.flush()
+        assert found + ([tail] if tail else []) == events, chunks
+
+
+@pytest.mark.parametrize(
+    "payloads, parsed",
+    [
+        ([], []),
+        ([b'{"a":1}', b"[2]", b'"s"'], [{"a": 1}, [2], "s"]),
+        ([b'{"a":1}', b"{oops"], None),
+        ([b"1, 2", b"3"], None),  # two values in one event
+        ([b""], None),
+    ],
+)
+def test_parse_data_parses_each_payload_as_one_value(payloads, parsed):
+    assert parse_data(payloads) == parsed
 
 
 def _scope(peer: str, forwarded: str | None = None) -> dict:

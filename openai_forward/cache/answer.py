@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.sse import EventSplitter, event_data, parse_plain_stream
+from openai_forward.sse import DONE, parse_data, split_stream, stream_data
 
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 # Message fields rendered as deltas of their own, in this order, before any other field.
@@ -26,18 +26,21 @@ _LIST_KEY = {name: re.compile(rb'"%s"\s*:\s*\[' % name.encode()) for name in ("c
 
 
 def is_document(body: bytes, list_field: str) -> bool:
-    """Whether a whole 2xx body is the expected document (never an error document).
+    """Whether a whole 2xx body is the expected document (``choices`` of a chat completion,
+    ``data`` of an embedding list) and not an error document.
 
-    Parsing a large answer (an embedding batch runs to megabytes) would stall the event loop, so
-    a body that opens and closes as an object, with the list field as a key and no ``"error"``
-    near its start, is taken as it is; anything less plain is parsed to be sure. (Inside a JSON
-    string every quote is escaped, so those byte patterns can only be keys.)
+    Only the first bytes of a plain answer are read: parsing an embedding batch (megabytes of
+    floats) would stall the event loop. A body that opens and closes as an object, with the list
+    field as a key and no ``"error"`` key in its first 512 bytes, is taken as it is; anything
+    less plain is parsed to be sure. (Inside a JSON string every quote is escaped, so those byte
+    patterns can only be keys.) The trade: an ``"error"`` key placed after the first 512 bytes
+    of such a body goes unseen, and that answer is stored.
     """
     head = body[:_HEAD_BYTES]
     if (
-        head.lstrip()[:1] == b"{"
-        and body.rstrip()[-1:] == b"}"
-        and head.find(b'"error"') < 0  # (not ``in``: see paths._SUSPECT)
+        head.lstrip().startswith(b"{")
+        and body.rstrip().endswith(b"}")
+        and b'"error"' not in head
         and _LIST_KEY[list_field].search(head) is not None
     ):
         return True
@@ -52,65 +55,24 @@ def is_document(body: bytes, list_field: str) -> bool:
     )
 
 
-def chat_from_json(body: bytes) -> bytes | None:
-    """``body`` itself if it is a whole chat completion (never an error document)."""
-    return body if is_document(body, "choices") else None
-
-
-def embedding_from_json(body: bytes) -> bytes | None:
-    return body if is_document(body, "data") else None
-
-
-def _stream_data(body: bytes) -> tuple[list[bytes], bool]:
-    """The ``data`` of every event before ``data: [DONE]``, and whether ``[DONE]`` came."""
-    if b"\r" in body:
-        events = EventSplitter().feed(body)
-        lines_only = False
-    else:
-        events = body.split(b"\n\n")
-        # Each separator holds two of the newlines: if that is all of them, every event is one
-        # line, and a "data: " event's data is the rest of its line (the usual case, by far).
-        lines_only = body.count(b"\n") == 2 * (len(events) - 1)
-    datas: list[bytes] = []
-    for event in events:
-        if lines_only and event[:6] == b"data: ":
-            data: bytes | None = event[6:]
-        else:
-            data = event_data(event)
-        if data is None:
-            continue
-        if data[:1] != b"{" and data.strip() == b"[DONE]":
-            return datas, True
-        datas.append(data)
-    return datas, False
-
-
 def chat_from_sse(body: bytes) -> bytes | None:
     """A ``chat.completion`` assembled from a whole stream, or None unless the stream reached
     ``data: [DONE]`` with no error event on the way."""
+    payloads = stream_data(split_stream(body))
+    if DONE not in payloads:
+        return None
+    chunks = parse_data(payloads[: payloads.index(DONE)])
+    if chunks is None:
+        return None
     head: dict[str, Any] = {}
     choices: dict[int, _Choice] = {}
     usage = None
-    # The usual stream (one-line events, ending in [DONE]) is parsed in one go; any other
-    # shape is split into events first. Either way one parse of all events as a JSON array:
-    # far cheaper than one parse per event.
-    chunks = parse_plain_stream(body) if body.rstrip().endswith(b"\ndata: [DONE]") else None
-    if chunks is None:
-        datas, done = _stream_data(body)
-        if not done:
-            return None
-        try:
-            chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
-        except orjson.JSONDecodeError:
-            return None
-    missing = list(_HEAD_FIELDS)  # head fields not seen yet: most come with the first chunk
     for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
             return None
-        if missing:
-            for name in [name for name in missing if chunk.get(name) is not None]:
+        for name in _HEAD_FIELDS:
+            if name not in head and chunk.get(name) is not None:
                 head[name] = chunk[name]
-                missing.remove(name)
         if chunk.get("usage"):
             usage = chunk["usage"]
         for part in chunk.get("choices") or ():
@@ -138,17 +100,17 @@ def chat_from_sse(body: bytes) -> bytes | None:
     return orjson.dumps(answer)
 
 
-_TEXT = object()  # stands in the message for a text field whose pieces are in ``texts``
+class _Pieces(list[str]):
+    """The pieces of a streamed text field, joined once at the end."""
 
 
 class _Choice:
-    """One choice's deltas, accumulated (text pieces in lists, joined once at the end)."""
+    """One choice's deltas, accumulated."""
 
-    __slots__ = ("finish_reason", "logprobs", "message", "texts", "tools")
+    __slots__ = ("finish_reason", "logprobs", "message", "tools")
 
     def __init__(self) -> None:
         self.message: dict[str, Any] = {}
-        self.texts: dict[str, list[str]] = {}
         self.tools: dict[int, dict[str, Any]] = {}
         self.finish_reason: Any = None
         self.logprobs: dict[str, Any] | None = None
@@ -164,15 +126,13 @@ class _Choice:
                 if value:  # some servers repeat the role in every chunk
                     self.message["role"] = value
             elif isinstance(value, str):
-                texts = self.texts.get(name)
-                if texts is None:
-                    self.texts[name] = [value]
-                    self.message[name] = _TEXT
+                pieces = self.message.get(name)
+                if isinstance(pieces, _Pieces):
+                    pieces.append(value)
                 else:
-                    texts.append(value)
+                    self.message[name] = _Pieces([value])
             elif value is not None or name not in self.message:
                 self.message[name] = value
-                self.texts.pop(name, None)
         if part.get("finish_reason") is not None:
             self.finish_reason = part["finish_reason"]
         logprobs = part.get("logprobs")
@@ -201,7 +161,7 @@ class _Choice:
         message = {"role": self.message.get("role") or "assistant", "content": None}
         for name, value in self.message.items():
             if name != "role":
-                message[name] = "".join(self.texts[name]) if value is _TEXT else value
+                message[name] = "".join(value) if isinstance(value, _Pieces) else value
         if self.tools:
             message["tool_calls"] = [self.tools[i] for i in sorted(self.tools)]
         return {
