@@ -1,7 +1,7 @@
-"""Chat log records (SPEC §9): pure functions from a call and its answer to JSON-ready dicts.
+"""Chat log records: pure functions from a call and its answer to JSON-ready dicts.
 
-No I/O and no clock. The request record is picked from the parsed body on the event loop (a few
-dict look-ups); the answer is assembled from the raw bytes in the chat log's writer thread.
+No I/O and no clock. Both records are made in the chat log's writer thread: the request record
+is picked from the parsed body, the response record assembled from the answer's raw bytes.
 """
 
 from __future__ import annotations
@@ -55,12 +55,6 @@ _CONTENT: dict[CallKind, str] = {"chat": "messages", "completion": "prompt", "em
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 
 
-# The same as sets, and each name's place: a record picks what the body has (a handful of fields)
-# instead of looking up every name a body might have.
-_OPTIONAL_SET = {kind: frozenset(names) for kind, names in _OPTIONAL.items()}
-_PLACE = {kind: {name: i for i, name in enumerate(names)} for kind, names in _OPTIONAL.items()}
-
-
 def request_record(
     kind: CallKind, payload: dict[str, Any], client: str, uid: str, user: str | None
 ) -> dict[str, Any]:
@@ -70,10 +64,8 @@ def request_record(
     record: dict[str, Any] = {content: payload.get(content), "model": payload.get("model")}
     if kind != "embedding":
         record["stream"] = payload.get("stream") is True
-    present = _OPTIONAL_SET[kind].intersection(payload)
-    if present:
-        # in the order of _OPTIONAL, whatever the order of the body
-        for name in sorted(present, key=_PLACE[kind].__getitem__):
+    for name in _OPTIONAL[kind]:  # in this order, whatever the order of the body
+        if name in payload:
             record[name] = payload[name]
     if kind == "chat":
         record["tools"] = payload.get("tools")
@@ -126,12 +118,7 @@ def response_record(
 ) -> dict[str, Any]:
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
-    # name -> value of the first header of that name
-    named = dict(reversed(headers)) if headers else {}
-    if kind == "chat" and status is not None and 200 <= status < 300 and not truncated:
-        plain = _plain_chat(named, body, uid, status, complete)
-        if plain is not None:
-            return plain
+    named = dict(reversed(headers))  # name -> value of the first header of that name
     ok = status is not None and 200 <= status < 300
     if kind == "embedding" and ok:
         truncated = False  # by design: only the ends of a batch of vectors are kept
@@ -155,52 +142,6 @@ def response_record(
         record["error"] = error
     if truncated:
         record["truncated"] = True
-    return record
-
-
-# The fields of a plain text message: nothing in them changes the record but the content.
-_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
-
-
-def _plain_chat(
-    headers: dict[bytes, bytes], body: bytes, uid: str, status: int, complete: bool
-) -> dict[str, Any] | None:
-    """The record of the usual chat answer, read directly: one JSON choice whose message is plain
-    text. None for anything else (tool calls, reasoning, several choices, content codings,
-    errors, streams), which the general assembly handles. The record is the one the general
-    assembly would make, key order included, at a fraction of the cost."""
-    if not headers.get(b"content-type", b"").startswith(b"application/json") or headers.get(
-        b"content-encoding"
-    ):
-        return None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if data.__class__ is not dict or "error" in data:
-        return None
-    choices = data.get("choices")
-    if choices.__class__ is not list or len(choices) != 1:
-        return None
-    choice = choices[0]
-    message = choice.get("message") if choice.__class__ is dict else None
-    if message.__class__ is not dict or not message.keys() <= _PLAIN_MESSAGE:
-        return None
-    content = message.get("content")
-    if content.__class__ is not str:
-        return None
-    record = {
-        "assistant": content,
-        "is_tool_calls": False,
-        "finish_reason": choice.get("finish_reason"),
-        "uid": uid,
-    }
-    usage = data.get("usage")
-    if usage.__class__ is dict:
-        record["usage"] = usage
-    record["status"] = status
-    record["cached"] = headers.get(b"x-cache", b"").upper() == b"HIT"
-    record["complete"] = complete
     return record
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from openai_forward import chatrecord
 from openai_forward.chatlog import KEEP_BYTES, ChatLog
-from openai_forward.chatrecord import response_record
+from openai_forward.chatrecord import request_record, response_record
 from openai_forward.exchange import Call
 from openai_forward.settings import Target
 
@@ -151,8 +150,7 @@ def test_chat_stream_assembly(body: bytes, expected: dict):
     summary = {k: v for k, v in record.items() if k not in ("uid", "status", "cached", "complete")}
     assert summary == expected
     assert record["complete"] is True
-    # The same events with CRLF boundaries take the general path (a plain stream is parsed in
-    # one go): both give the same record.
+    # The same events with CRLF boundaries give the same record.
     general = response_record("chat", "u", 200, SSE, body.replace(b"\n", b"\r\n"), complete=True)
     assert general == record
 
@@ -315,48 +313,42 @@ def test_odd_shapes_never_break_a_record(chunk: dict):
     assert record["uid"] == "u" and isinstance(record["assistant"], str | list)
 
 
-PLAIN = [
-    {
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
-        ],
-        "usage": {"total_tokens": 3},
-    },
-    {"choices": [{"message": {"role": "assistant", "content": "", "refusal": None}}]},
-    {"choices": [{"message": {"content": "no usage"}, "finish_reason": None}], "usage": 7},
-]
-NOT_PLAIN = [
-    {
-        "choices": [
-            {
-                "message": {
-                    "content": None,
-                    "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}],
-                }
-            }
-        ]
-    },
-    {"choices": [{"message": {"content": "a", "reasoning_content": "think"}}]},
-    {"choices": [{"message": {"content": "a"}}, {"index": 1, "message": {"content": "b"}}]},
-    {"error": {"message": "bad"}, "choices": []},
-    {"choices": "not a list"},
-    ["not", "an", "object"],
-]
+def _record(assistant, finish_reason, **rest) -> list[tuple[str, object]]:
+    fields = {"assistant": assistant, "is_tool_calls": False, "finish_reason": finish_reason}
+    fields.update(uid="u1", **rest)
+    return list({**fields, "status": 200, "cached": False, "complete": True}.items())
 
 
 @pytest.mark.parametrize(
-    "answer, plain", [(a, True) for a in PLAIN] + [(a, False) for a in NOT_PLAIN]
+    "answer, expected",
+    [
+        (
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Hi"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"total_tokens": 3},
+            },
+            _record("Hi", "stop", usage={"total_tokens": 3}),
+        ),
+        (
+            {"choices": [{"message": {"role": "assistant", "content": "", "refusal": None}}]},
+            _record("", None),
+        ),
+        (
+            {"choices": [{"message": {"content": "no usage"}, "finish_reason": None}], "usage": 7},
+            _record("no usage", None),
+        ),
+    ],
 )
-def test_plain_chat_answer_read_directly_gives_the_general_record(answer, plain, monkeypatch):
-    """The usual chat answer is read without the general assembly; its record must be the
-    same, key order included (it is the line written to the log). Other shapes go the general
-    way."""
-    body = orjson.dumps(answer)
-    assert (chatrecord._plain_chat(dict(JSON), body, "u1", 200, True) is not None) is plain
-    direct = response_record("chat", "u1", 200, JSON, body, complete=True)
-    monkeypatch.setattr(chatrecord, "_plain_chat", lambda *args: None)
-    general = response_record("chat", "u1", 200, JSON, body, complete=True)
-    assert list(direct.items()) == list(general.items())
+def test_the_usual_chat_answer_gives_its_record_in_a_fixed_key_order(answer, expected):
+    """The record is the line written to the log: its keys come in a fixed order."""
+    record = response_record("chat", "u1", 200, JSON, orjson.dumps(answer), complete=True)
+    assert list(record.items()) == expected
 
 
 def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_body_order():
@@ -370,7 +362,7 @@ def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_bod
         "metadata": {"x": 1},  # not a field the record keeps
         "max_tokens": 5,
     }
-    record = chatrecord.request_record("chat", payload, "10.0.0.1", "uid-1", None)
+    record = request_record("chat", payload, "10.0.0.1", "uid-1", None)
     assert list(record) == [
         "messages",
         "model",
@@ -384,5 +376,5 @@ def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_bod
         "uid",
     ]
     assert record["stream"] is False and record["tools"] is None and record["seed"] == 7
-    plain = chatrecord.request_record("embedding", {"input": "a", "model": "e"}, "ip", "u", "kh")
+    plain = request_record("embedding", {"input": "a", "model": "e"}, "ip", "u", "kh")
     assert plain == {"input": "a", "model": "e", "ip": "ip", "uid": "u", "key_hash": "kh"}
