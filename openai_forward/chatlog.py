@@ -1,4 +1,4 @@
-"""Chat logs (SPEC §9): a request record and a response record per call, written off-path.
+"""Chat logs: a request record and a response record per call, written off the request path.
 
 On the event loop a call costs an id and appending relayed chunks to a list; both records are
 picked (from the parsed body, and from those chunks) and serialized by the writer thread
@@ -14,11 +14,11 @@ import os
 import time
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from openai_forward.chatrecord import request_record, response_record
 from openai_forward.exchange import Call, CallKind, Headers, Observer
-from openai_forward.logwriter import LogWriter
+from openai_forward.logwriter import LogWriter, Render
 from openai_forward.settings import ConfigError, Settings
 
 # Bytes of an answer kept for its record; past that only its end is kept (``truncated``).
@@ -44,10 +44,6 @@ class ChatLog:
         self._second = -1
         self._second_text = ""
 
-    @property
-    def writer(self) -> LogWriter:
-        return self._writer
-
     async def open(self) -> None:
         self._writer.start()
 
@@ -64,14 +60,17 @@ class ChatLog:
         path = self._paths.get(key)
         if path is None:
             path = self._paths[key] = f"{call.target.log_name}/{kind}/{kind}.log"
-        observer = _OBSERVERS[kind](
-            self, path, (kind, call.payload, call.client, uid, call.user, time.time())
-        )
+        asked = Asked(kind, call.payload, call.client, uid, call.user, time.time())
+        observer = AnswerObserver(self, path, asked)
         self._writer.submit(path, observer.request_record)
         return observer
 
-    def _stamp(self, at: float) -> str:
-        """Runs in the writer thread, which alone touches the cached text of the last second."""
+    def submit(self, path: str, render: Render) -> None:
+        self._writer.submit(path, render)
+
+    def stamp(self, at: float) -> str:
+        """``at`` as the records' ``datetime``. Runs in the writer thread, which alone touches
+        the text of the last second (many records share a second: formatted once)."""
         second = int(at)
         if second != self._second:
             self._second = second
@@ -79,32 +78,44 @@ class ChatLog:
         return self._second_text
 
 
-class _AnswerObserver:
+class Asked(NamedTuple):
+    """What the request record needs. Kept instead of the call, which holds the raw body too:
+    that would stay in memory until the writer gets to the record."""
+
+    kind: CallKind
+    payload: dict[str, Any]  # the parsed body
+    client: str  # the client's address
+    uid: str
+    user: str | None  # hashed forward key
+    at: float  # time of the request
+
+
+class AnswerObserver:
     """Collects the relayed answer of one call; cheap on the loop and never raises.
 
-    Until ``start``, ``_status`` is None (no answer) and ``_headers`` unset; ``_complete`` is None
-    until ``close``. Past ``KEEP`` bytes only the answer's last ``TAIL_BYTES`` are kept."""
+    Until ``start``, ``_status`` is None (no answer came). ``_complete`` is None until
+    ``close``. Past ``KEEP_BYTES`` of its kind only the answer's last ``TAIL_BYTES`` are kept."""
 
-    __slots__ = (  # (the answer's size limit is per kind: KEEP, in the subclasses)
+    __slots__ = (
         "_asked",
         "_chunks",
         "_complete",
         "_headers",
+        "_keep",
         "_log",
         "_path",
         "_size",
         "_status",
         "_tail",
     )
-    KEEP = KEEP_BYTES["chat"]
 
-    def __init__(self, log: ChatLog, path: str, asked: _Asked) -> None:
+    def __init__(self, log: ChatLog, path: str, asked: Asked) -> None:
         self._log = log
         self._path = path
-        # What the request record needs, not the call: it holds the raw body as well, which
-        # would stay in memory until the writer gets to the record
         self._asked = asked
+        self._keep = KEEP_BYTES[asked.kind]
         self._status: int | None = None
+        self._headers: tuple[tuple[bytes, bytes], ...] = ()
         self._chunks: list[bytes] = []
         self._size = 0
         self._tail = b""
@@ -115,7 +126,7 @@ class _AnswerObserver:
         self._headers = tuple(headers)  # read later, in the writer thread
 
     def feed(self, chunk: bytes) -> None:
-        if self._size < self.KEEP:
+        if self._size < self._keep:
             self._chunks.append(chunk)
         else:
             self._tail = (self._tail + chunk)[-TAIL_BYTES:]
@@ -124,50 +135,28 @@ class _AnswerObserver:
     def close(self, complete: bool) -> None:
         if self._complete is None:
             self._complete = complete
-            self._log._writer.submit(self._path, self.response_record)
+            self._log.submit(self._path, self.response_record)
 
     def request_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
-        kind, payload, client, uid, user, at = self._asked
-        record = request_record(kind, payload, client, uid, user)
-        record["datetime"] = self._log._stamp(at)
+        asked = self._asked
+        record = request_record(asked.kind, asked.payload, asked.client, asked.uid, asked.user)
+        record["datetime"] = self._log.stamp(asked.at)
         return record
 
     def response_record(self) -> dict[str, Any]:
         """Runs in the writer thread."""
-        chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        truncated = self._size > len(body)
-        status = self._status
+        body = b"".join(self._chunks)
         return response_record(
-            self._asked[0],
-            self._asked[3],
-            status,
-            () if status is None else self._headers,
+            self._asked.kind,
+            self._asked.uid,
+            self._status,
+            self._headers,
             body,
             tail=self._tail,
             complete=bool(self._complete),
-            truncated=truncated,
+            truncated=self._size > len(body),
         )
-
-
-class _CompletionObserver(_AnswerObserver):
-    __slots__ = ()
-    KEEP = KEEP_BYTES["completion"]
-
-
-class _EmbeddingObserver(_AnswerObserver):
-    __slots__ = ()
-    KEEP = KEEP_BYTES["embedding"]
-
-
-# (kind, parsed body, client address, uid, forward key hash, time of the request)
-_Asked = tuple[CallKind, dict[str, Any], str, str, "str | None", float]
-_OBSERVERS: dict[CallKind, type[_AnswerObserver]] = {
-    "chat": _AnswerObserver,
-    "completion": _CompletionObserver,
-    "embedding": _EmbeddingObserver,
-}
 
 
 def _zone(name: str | None) -> tzinfo | None:
