@@ -17,9 +17,7 @@ the lines. Several worker processes may append to the same file:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import operator
 import os
 import threading
 import time
@@ -43,6 +41,7 @@ QUEUE_SIZE = 4096
 WRITE_BATCH = 1024 * 1024  # bytes of lines joined into one write
 WARN_EVERY = 60.0  # seconds between two warnings of the same kind
 LINGER = 0.02  # seconds a record may wait for others to be written with it
+BATCH_ENTRIES = 4096  # entries taken off the queue at a time
 YIELD_EVERY = 0.001  # seconds of rendering after which the writer offers the GIL
 YIELD_CHECK = 32  # entries rendered between two looks at the clock
 
@@ -163,11 +162,11 @@ class LogWriter:
         self._secrets = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._max_bytes = max_bytes
         self._backups = max(1, backups)
-        # A deque, not a queue.Queue: appending is one atomic C call for the event loop, with
-        # no lock and no wake-up; the writer collects every ``linger`` seconds.
+        # A deque, not a queue.Queue: the event loop appends without a lock or a wake-up, and
+        # the writer collects every ``linger`` seconds.
         self._pending: deque[tuple[str, Render]] = deque()
         self._queue_size = queue_size
-        self._room = queue_size  # entries the queue takes; 0 once stopped
+        self._capacity = queue_size  # entries the queue takes; 0 once stopped
         self._stopping = threading.Event()
         self._files: dict[str, _LogFile] = {}
         self._thread: threading.Thread | None = None
@@ -184,7 +183,7 @@ class LogWriter:
 
     def submit(self, path: str, render: Render) -> None:
         """Queue an entry without ever waiting: a full queue drops it (counted, warned)."""
-        if len(self._pending) < self._room:
+        if len(self._pending) < self._capacity:
             self._pending.append((path, render))
         elif not self._closed:
             self._drop()
@@ -211,7 +210,7 @@ class LogWriter:
         if self._closed:
             return
         self._closed = True
-        self._room = 0
+        self._capacity = 0
         if self._unreported:
             self._report_drops()
         self._stopping.set()
@@ -231,10 +230,9 @@ class LogWriter:
             # wake-up and one write serve many of them.
             stopping = self._stopping.wait(self._linger)
             while pending:
-                # Taken off the left while the event loop appends on the right (both are
-                # atomic), in one C loop: a Python loop here cost more than the writing.
-                count = min(len(pending), 4096)
-                batch = list(map(operator.call, itertools.repeat(pending.popleft, count)))
+                # Taken off the left while the event loop appends on the right: each deque
+                # operation is atomic, so neither side needs a lock.
+                batch = [pending.popleft() for _ in range(min(len(pending), BATCH_ENTRIES))]
                 try:
                     self._write(batch)
                 except Exception as exc:  # the thread must live on, or the queue would only fill
@@ -243,34 +241,22 @@ class LogWriter:
                 return
 
     def _write(self, entries: list[tuple[str, Render]]) -> None:
-        pending: dict[str, list[bytes]] = {}
-        secrets = self._secrets
-        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-        last_path, lines = "", []
+        lines_by_path: dict[str, list[bytes]] = {}
         held_since = time.monotonic()
-        for start in range(0, len(entries), YIELD_CHECK):
-            now = time.monotonic()
-            if now - held_since > YIELD_EVERY:
-                # Let the event loop take the GIL if it wants it: it then waits about a
-                # millisecond at most, not the interpreter's 5 ms switch interval.
-                time.sleep(0)
-                held_since = now
-            for path, render in entries[start : start + YIELD_CHECK]:
-                try:
-                    record = render()
-                    if record is None:
-                        continue
-                    line = dumps(record, option=newline)
-                except Exception as exc:  # one bad entry must not stop the log
-                    self._failure(f"render a record ({type(exc).__name__})")
-                    continue
-                if secrets:
-                    line = self._masked(line)
-                if path != last_path:
-                    last_path = path
-                    lines = pending.setdefault(path, [])
-                lines.append(line)
-        for path, lines in pending.items():
+        for count, (path, render) in enumerate(entries, 1):
+            if count % YIELD_CHECK == 0:
+                # This thread shares the GIL with the event loop. Left alone, the interpreter
+                # takes it back from a busy thread only every switch interval (5 ms), and a
+                # request waits that long; offering it after each millisecond of rendering
+                # bounds the loop's wait.
+                now = time.monotonic()
+                if now - held_since > YIELD_EVERY:
+                    time.sleep(0)
+                    held_since = now
+            line = self._line(render)
+            if line is not None:
+                lines_by_path.setdefault(path, []).append(line)
+        for path, lines in lines_by_path.items():
             try:
                 file = self._files.get(path)
                 if file is None:
@@ -286,10 +272,18 @@ class LogWriter:
                 self.failed += len(lines) - 1
                 self._failure(f"write {self.root / path} ({exc.strerror or exc})")
 
-    def _masked(self, line: bytes) -> bytes:
+    def _line(self, render: Render) -> bytes | None:
+        """The entry's JSON line, secrets masked; None if it has no record or cannot be made."""
+        try:
+            record = render()
+            if record is None:
+                return None
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        except Exception as exc:  # one bad entry must not stop the log
+            self._failure(f"render a record ({type(exc).__name__})")
+            return None
         for secret in self._secrets:
-            if line.find(secret) >= 0:  # (not ``in``: see paths._SUSPECT)
-                line = line.replace(secret, b"***")
+            line = line.replace(secret, b"***")
         return line
 
     def _failure(self, what: str) -> None:
