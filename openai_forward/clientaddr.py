@@ -1,37 +1,32 @@
 """Who the client is: the peer address, or the one a trusted proxy reports in X-Forwarded-For.
 
 Worked out only when a feature asks (limits per address, IP lists, chat logs), instead of a
-middleware rewriting every request's scope.
+middleware rewriting every request's scope, and then once per request: the answer is kept in the
+ASGI scope for the next feature that asks.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
 
 from openai_forward.types import Scope
 
-_CACHE_KEY = "openai_forward.client"
-_IN_HEADERS: Any = object()  # "look for X-Forwarded-For in the request's headers"
-_MEMO_SIZE = 4096  # distinct hosts whose trust is remembered (parsing an address is costly)
+SCOPE_KEY = "openai_forward.client"  # where the scope keeps the address once worked out
+TRUST_MEMO_SIZE = 4096  # hosts whose trust is remembered (parsing an address costs)
 
 
 class ClientAddress:
     def __init__(self, trusted: Sequence[str]) -> None:
         self._any = "*" in trusted
         self._networks = tuple(ipaddress.ip_network(t, strict=False) for t in trusted if t != "*")
-        self._trust: dict[str, bool] = {}
+        self.is_trusted = functools.lru_cache(maxsize=TRUST_MEMO_SIZE)(self._is_trusted)
 
-    def is_trusted(self, host: str) -> bool:
-        trusted = self._trust.get(host)
-        if trusted is None:
-            if len(self._trust) >= _MEMO_SIZE:
-                self._trust.clear()
-            trusted = self._trust[host] = self._any or self._judge(host)
-        return trusted
-
-    def _judge(self, host: str) -> bool:
+    def _is_trusted(self, host: str) -> bool:
+        """Whether ``host`` is one of the proxies whose ``X-Forwarded-For`` is believed."""
+        if self._any:
+            return True
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
@@ -39,27 +34,27 @@ class ClientAddress:
         return any(address in network for network in self._networks)
 
     def __call__(self, scope: Scope) -> str:
-        return self.of(scope, _IN_HEADERS)
+        """The client's address, with ``X-Forwarded-For`` looked up in the request's headers."""
+        found: str | None = scope.get(SCOPE_KEY)
+        if found is not None:
+            return found
+        forwarded_for = next(
+            (value for name, value in scope["headers"] if name == b"x-forwarded-for"), None
+        )
+        return self.of(scope, forwarded_for)
 
-    def of(self, scope: Scope, forwarded_for: Any) -> str:
-        """The client's address, worked out once per request. ``forwarded_for``: the request's
-        first ``X-Forwarded-For`` if the caller has found it already (None: there is none),
-        else ``_IN_HEADERS``."""
-        cached: str | None = scope.get(_CACHE_KEY)
-        if cached is None:
-            cached = scope[_CACHE_KEY] = self._resolve(scope, forwarded_for)
-        return cached
+    def of(self, scope: Scope, forwarded_for: bytes | None) -> str:
+        """The client's address, for a caller that has already found the request's first
+        ``X-Forwarded-For`` header (None: the request has none)."""
+        found: str | None = scope.get(SCOPE_KEY)
+        if found is None:
+            found = scope[SCOPE_KEY] = self._resolve(scope, forwarded_for)
+        return found
 
-    def _resolve(self, scope: Scope, forwarded_for: Any) -> str:
+    def _resolve(self, scope: Scope, forwarded_for: bytes | None) -> str:
         client = scope.get("client")
         peer = client[0] if client else "unknown"
-        if not self.is_trusted(peer):
-            return peer
-        if forwarded_for is _IN_HEADERS:
-            forwarded_for = next(
-                (value for name, value in scope["headers"] if name == b"x-forwarded-for"), None
-            )
-        if forwarded_for is None:
+        if forwarded_for is None or not self.is_trusted(peer):
             return peer
         hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
         # Each trusted proxy appends the address it saw: walk back from the nearest one and stop

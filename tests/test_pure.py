@@ -187,14 +187,27 @@ def test_client_address(trusted, peer, forwarded, expected):
     from openai_forward.clientaddr import ClientAddress
 
     assert ClientAddress(trusted)(_scope(peer, forwarded)) == expected
+    # A caller that found X-Forwarded-For itself gets the same answer.
+    header = forwarded.encode() if forwarded else None
+    assert ClientAddress(trusted).of(_scope(peer), header) == expected
+
+
+def test_client_address_is_worked_out_once_per_request():
+    from openai_forward.clientaddr import ClientAddress
+
+    resolve = ClientAddress(("127.0.0.1",))
+    scope = _scope("127.0.0.1", "203.0.113.7")
+    assert resolve(scope) == "203.0.113.7"
+    scope["headers"] = [(b"x-forwarded-for", b"198.51.100.1")]
+    assert resolve(scope) == resolve.of(scope, None) == "203.0.113.7"
 
 
 def test_client_address_trust_is_remembered_but_stays_right():
     """Trust is memoized per host (bounded); past the bound it is worked out afresh."""
-    from openai_forward.clientaddr import _MEMO_SIZE, ClientAddress
+    from openai_forward.clientaddr import TRUST_MEMO_SIZE, ClientAddress
 
     resolve = ClientAddress(("10.0.0.0/8",))
-    hosts = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(_MEMO_SIZE + 10)]
+    hosts = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(TRUST_MEMO_SIZE + 10)]
     assert all(resolve.is_trusted(host) for host in hosts)
     assert not resolve.is_trusted("192.0.2.1")
     assert not resolve.is_trusted("not-an-address")
