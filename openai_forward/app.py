@@ -1,97 +1,109 @@
-"""Wiring: the ASGI application for a :class:`Settings`.
+"""Wiring: the FastAPI application for a :class:`Settings`.
 
-Requests under a target's prefix go straight to that target's raw ASGI :class:`Forwarder`;
-Starlette serves the rest (``/healthz``, 404s) and owns the lifespan that opens and closes the
-upstream sessions and the features' storage. Per-request framework routing stays off the hot path.
-(Starlette rather than FastAPI on top of it: two plain routes need no validation layer, and
-FastAPI's import alone costs 15 MiB of resident memory per worker; see the README.)
+``openai_forward.app:app`` is built from the environment and ``./.env`` when first looked up,
+so ``uvicorn openai_forward.app:app`` serves what ``aifd run`` serves; :func:`create_app` builds
+one for given settings (tests, embedding).
+
+FastAPI owns the proxy's own routes (``/healthz``, and any route added to the app), the error
+answers in OpenAI's shape and the lifespan that opens and closes the upstream sessions and the
+features' storage. A request for any other path under a target's prefix goes straight to that
+target's forwarder: no framework routing or middleware runs per forwarded request.
 """
 
 from __future__ import annotations
 
-import gc
 import ipaddress
-import logging
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
-from starlette.applications import Starlette
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from openai_forward.cache import build_cache
 from openai_forward.chatlog import build_chatlog
 from openai_forward.clientaddr import ClientAddress
 from openai_forward.errors import error_body, send_error
 from openai_forward.exchange import Resource
-from openai_forward.forward import Features, Forwarder
+from openai_forward.forward import REST, Features, Forwarder
+from openai_forward.outcome import Reporter
 from openai_forward.paths import match_prefix
 from openai_forward.ratelimit import build_limiter, pacing_intervals
-from openai_forward.settings import Settings
-from openai_forward.types import ASGIApp, Receive, Scope, Send
+from openai_forward.settings import ConfigError, Settings
+from openai_forward.types import Receive, Scope, Send
 
-logger = logging.getLogger("openai_forward")
+HEALTHZ = "/healthz"
 
 
-class Gateway:
-    """The outermost ASGI app: address filter, longest-prefix dispatch, FastAPI for the rest."""
+class ProxyApp(FastAPI):
+    """FastAPI for the proxy's own routes; longest-prefix dispatch to the forwarders for the rest.
 
-    def __init__(
-        self,
-        settings: Settings,
-        forwarders: list[Forwarder],
-        fallback: ASGIApp,
-        client_address: ClientAddress,
-    ) -> None:
+    A path that the app's route table serves is never forwarded, whatever the prefixes (a
+    target at ``/`` cannot shadow ``/healthz``). The address lists apply to forwarded requests.
+    """
+
+    def __init__(self, settings: Settings, forwarders: Sequence[Forwarder], **options: Any):
+        super().__init__(**options)
         self.settings = settings
-        self.forwarders = forwarders
+        self.forwarders = list(forwarders)
         self._routes = sorted(
             ((f.target.prefix.encode(), f) for f in forwarders), key=lambda r: -len(r[0])
         )
-        self._fallback = fallback
         self._allow = settings.ip_whitelist
         self._deny = settings.ip_blacklist
-        self._client = client_address
+        self._client_address = ClientAddress(settings.forwarded_allow_ips)
+        self._local: tuple[int, frozenset[bytes]] = (-1, frozenset())
+
+    def local_paths(self) -> frozenset[bytes]:
+        """The exact paths of the app's own routes (taken again when routes were added)."""
+        count, paths = self._local
+        routes = self.router.routes
+        if count != len(routes):
+            paths = frozenset(
+                p.encode() for r in routes if isinstance(p := getattr(r, "path", None), str)
+            )
+            self._local = (len(routes), paths)
+        return paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._fallback(scope, receive, send)
-            return
-        path: bytes = scope.get("raw_path") or scope["path"].encode()
-        if path == b"/healthz":
-            await self._fallback(scope, receive, send)
-            return
-        if (self._allow or self._deny) and not self._address_allowed(scope):
-            await send_error(send, 403, "Your address is not allowed to use this service")
-            return
-        for prefix, forwarder in self._routes:
-            rest = match_prefix(path, prefix)
-            if rest is not None:
-                await forwarder(scope, receive, send, rest)
-                return
-        await self._fallback(scope, receive, send)
+        if scope["type"] == "http":
+            path: bytes = scope.get("raw_path") or scope["path"].encode()
+            if path not in self.local_paths():
+                for prefix, forwarder in self._routes:
+                    rest = match_prefix(path, prefix)
+                    if rest is not None:
+                        if (self._allow or self._deny) and not self._address_allowed(scope):
+                            await send_error(
+                                send, 403, "Your address is not allowed to use this service"
+                            )
+                            return
+                        scope[REST] = rest
+                        await forwarder(scope, receive, send)
+                        return
+        await super().__call__(scope, receive, send)
 
     def _address_allowed(self, scope: Scope) -> bool:
         try:
-            address = ipaddress.ip_address(self._client(scope))
+            address = ipaddress.ip_address(self._client_address(scope))
         except ValueError:
-            address = None
-        if address is None:
             return not self._allow
         if any(address in net for net in self._deny):
             return False
         return not self._allow or any(address in net for net in self._allow)
 
 
-def create_app(settings: Settings) -> Gateway:
+def create_app(settings: Settings, *, reporters: Sequence[Reporter] = ()) -> ProxyApp:
+    """The application for ``settings``. ``reporters`` are told of every finished forwarded
+    request (see :mod:`openai_forward.outcome`)."""
     features = Features(
         limiter=build_limiter(settings),
         cache=build_cache(settings),
         chatlog=build_chatlog(settings),
         pacing=pacing_intervals(settings),
         client_address=ClientAddress(settings.forwarded_allow_ips),
+        reporters=tuple(reporters),
     )
     forwarders = [Forwarder(target, settings, features) for target in settings.targets]
     resources: list[Resource] = [
@@ -99,7 +111,7 @@ def create_app(settings: Settings) -> Gateway:
     ]
 
     @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             for resource in resources:
                 await resource.open()
@@ -107,53 +119,63 @@ def create_app(settings: Settings) -> Gateway:
             for forwarder in forwarders:
                 await forwarder.upstream.open()
                 stack.push_async_callback(forwarder.upstream.close)
-            stack.callback(settle_garbage_collector())
             yield
 
-    async def healthz(_: Request) -> Response:
+    docs = settings.api_docs
+    app = ProxyApp(
+        settings,
+        forwarders,
+        title="openai-forward",
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+    )
+
+    async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = "Unknown route" if exc.status_code == 404 else str(exc.detail)
-        return Response(
-            error_body(exc.status_code, message),
-            status_code=exc.status_code,
-            media_type="application/json",
-        )
+    app.add_api_route(HEALTHZ, healthz, methods=["GET"])
+    app.add_api_route(HEALTHZ, healthz, methods=["HEAD"], include_in_schema=False)
 
-    site = Starlette(
-        routes=[Route("/healthz", healthz, methods=["GET", "HEAD"])],
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _server_error)
+    return app
+
+
+def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        error_body(status, message),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
-    return Gateway(settings, forwarders, site, features.client_address)
 
 
-# Container objects allocated, net, before a young-generation collection (CPython's default is
-# 700). A request allocates dozens (headers, the parsed body, records for the chat log), nearly all
-# freed by reference counting, yet the default made the collector run every few requests: with the
-# chat log on, it cost about 10 µs per request (measured with gc.callbacks), now under 1.
-GC_YOUNG_THRESHOLD = 10_000
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = "Unknown route" if exc.status_code == 404 else str(exc.detail)
+    return _json_error(exc.status_code, message, exc.headers)
 
 
-def settle_garbage_collector() -> Callable[[], None]:
-    """Once started: what exists now (modules, settings, pools) lives as long as the app, so it is
-    moved out of the collector's sight (``gc.freeze``): full collections then walk only what
-    requests leave behind, not the ~40,000 objects of the imported code. Returns the undoing,
-    for the app's shutdown (the frozen objects could never be collected otherwise)."""
-    gc.collect()
-    gc.freeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
-
-    def undo() -> None:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
-
-    return undo
+async def _invalid_request(_: Request, exc: Exception) -> Response:
+    return _json_error(400, "Invalid request")
 
 
-def app_from_env() -> Gateway:
-    """Factory used by uvicorn workers: settings from the environment and ``./.env``."""
-    return create_app(Settings.from_env())
+async def _server_error(_: Request, exc: Exception) -> Response:
+    # starlette's ServerErrorMiddleware has logged the exception; the client sees no trace of it
+    return _json_error(500, "The proxy failed to handle the request")
+
+
+def __getattr__(name: str) -> Any:
+    # ``app`` is built on first use, from the environment and ./.env, and kept.
+    if name == "app":
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:  # one line, as `aifd run` gives it, not a traceback
+            print(f"openai-forward: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        built = globals()["app"] = create_app(settings)
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ large ones streamed through without being held in memory."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from openai_forward.types import Receive
 
@@ -29,12 +29,10 @@ class StreamedBody:
         self._receive = receive
         self._limit = limit
         self.started = False
-        self.too_large = False
         self.size = sum(map(len, head))
-
-    @property
-    def too_large_message(self) -> str:
-        return f"Request body is larger than the limit of {self._limit} bytes"
+        self.length: int | None = None  # the client's Content-Length, sent on unchanged
+        self.failure: ClientGone | BodyTooLarge | None = None  # why sending it stopped
+        self.on_complete: Callable[[], None] | None = None  # called once the last byte is in
 
     async def iterate(self) -> AsyncIterator[bytes]:
         self.started = True
@@ -44,15 +42,20 @@ class StreamedBody:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                raise ClientGone
+                self.failure = ClientGone()
+                raise self.failure
             chunk = message.get("body", b"")
             self.size += len(chunk)
             if self.size > self._limit:
-                self.too_large = True
-                raise BodyTooLarge(self.too_large_message)
+                self.failure = BodyTooLarge(
+                    f"Request body is larger than the limit of {self._limit} bytes"
+                )
+                raise self.failure
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
+                if self.on_complete is not None:
+                    self.on_complete()
                 return
 
 

@@ -19,7 +19,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Never copied toward any upstream: the client (h1.py) sets what it must.
+# Never copied toward any upstream: the HTTP client sets what it must.
 _NOT_UPSTREAM = HOP_BY_HOP | {b"host", b"cookie", b"accept-encoding", b"content-length", b"expect"}
 # The only headers an openai-type provider sees (plus ``openai-*``).
 _OPENAI_ALLOWED = frozenset({b"content-type", b"accept", b"authorization"})

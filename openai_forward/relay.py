@@ -6,11 +6,10 @@ import asyncio
 from collections.abc import Sequence
 
 from openai_forward.exchange import Observer
-from openai_forward.h1 import ClientError, Response
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
-from openai_forward.upstream import Upstream, UpstreamBroken
+from openai_forward.upstream import Response
 
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -27,7 +26,6 @@ def is_event_stream(response: Response) -> bool:
 
 async def relay(
     send: Send,
-    upstream: Upstream,
     response: Response,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
     *,
@@ -36,7 +34,7 @@ async def relay(
 ) -> None:
     """Send ``response`` on to the client. Raises ``UpstreamBroken`` if the upstream breaks off
     (the caller then cuts the client's response); observers are told whether the body was whole."""
-    headers = response_headers(response.raw_headers)
+    headers = response_headers(response.headers)
     streaming = is_event_stream(response)
     if streaming:
         headers = [h for h in headers if h[0] != b"cache-control"]
@@ -56,28 +54,25 @@ async def relay(
             return
         length = response.content_length
         if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
-            body = await upstream.read_body(response)
+            body = await response.read()
             for observer in observers:
                 observer.feed(body)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             complete = True
             return
-        try:
-            if streaming and interval:
-                await _relay_paced(send, response, interval, observers)
-            else:
-                async for chunk in response:
-                    for observer in observers:
-                        observer.feed(chunk)
-                    # The upstream's end of body often comes in the same read as its last chunk:
-                    # then finish the client's response with that chunk, one write instead of two.
-                    last = response.at_eof()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                    if last:
-                        complete = True
-                        return
-        except ClientError as exc:
-            raise UpstreamBroken(f"{upstream.base_url}: {exc}") from exc
+        if streaming and interval:
+            await _relay_paced(send, response, interval, observers)
+        else:
+            async for chunk in response.chunks():
+                for observer in observers:
+                    observer.feed(chunk)
+                # The upstream's end of body often comes in the same read as its last chunk:
+                # then finish the client's response with that chunk, one write instead of two.
+                last = response.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    complete = True
+                    return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         complete = True
     finally:
@@ -107,7 +102,7 @@ async def _relay_paced(
         await send({"type": "http.response.body", "body": event, "more_body": True})
         next_at = loop.time() + interval
 
-    async for chunk in response:
+    async for chunk in response.chunks():
         for observer in observers:
             observer.feed(chunk)
         for event in splitter.feed(chunk):

@@ -27,6 +27,11 @@ RATE_LIMIT_STRATEGIES = (
     "moving-window",
     "sliding-window-counter",
 )
+# Where request counters may live besides memory:// (limits' Redis storages: plain, TLS, a unix
+# socket, Sentinel and Cluster).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+# HTTP proxies (CONNECT for https targets), and SOCKS through the [socks] extra.
+PROXY_SCHEMES = ("http", "https", "socks4", "socks5", "socks5h")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
 
@@ -77,7 +82,7 @@ class Target:
 
     @property
     def log_name(self) -> str:
-        """Folder name of this target's chat logs (SPEC §9)."""
+        """Folder name of this target's chat logs: ``openai`` for ``/``, else the prefix."""
         return "openai" if self.prefix == "/" else self.prefix.strip("/").replace("/", "_")
 
 
@@ -94,6 +99,7 @@ class Settings:
     redis_key_prefix: str = "openai-forward"
     token_rate_limit: Mapping[str, str] = field(default_factory=dict)
     proxy: str | None = None
+    upstream_max_connections: int = 100  # open connections per target, at most
     timeout: float = 10.0
     read_timeout: float = 600.0
     max_retries: int = 3
@@ -111,6 +117,7 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
     cors_allow_origins: tuple[str, ...] = ("*",)
     tz: str | None = None
+    api_docs: bool = False  # serve /docs and /openapi.json (the proxy's own routes only)
 
     @property
     def open_mode(self) -> bool:
@@ -262,9 +269,11 @@ def _check_proxy(url: str) -> None:
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError("PROXY", shown, "an http(s):// proxy URL with a valid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("PROXY", shown, "an http(s):// proxy URL such as http://host:3128")
+        raise ConfigError("PROXY", shown, "a proxy URL with a valid port") from None
+    if parts.scheme not in PROXY_SCHEMES or not parts.hostname:
+        raise ConfigError(
+            "PROXY", shown, "a proxy URL such as http://host:3128 or socks5://host:1080"
+        )
 
 
 def _check_base_url(name: str, url: str) -> str:
@@ -351,17 +360,18 @@ def _parse(reader: _Reader) -> Settings:
         _check_limit("GLOBAL_RATE_LIMIT", global_limit)
 
     backend = reader.text("REQ_RATE_LIMIT_BACKEND", "memory://")
-    if not backend.startswith(("memory://", "redis://", "rediss://", "unix://")):
-        raise ConfigError("REQ_RATE_LIMIT_BACKEND", backend, "memory:// or redis://host:port[/db]")
+    if not backend.startswith(("memory://", *REDIS_SCHEMES)):
+        raise ConfigError(
+            "REQ_RATE_LIMIT_BACKEND", redacted(backend), "memory:// or redis://host:port[/db]"
+        )
 
     cache_backend = reader.text("CACHE_BACKEND", "MEMORY").upper()
     if cache_backend not in CACHE_BACKENDS:
         raise ConfigError("CACHE_BACKEND", cache_backend, " or ".join(CACHE_BACKENDS))
     cache_root = reader.text("CACHE_ROOT_PATH_OR_URL", ".")
     if cache_backend == "REDIS" and not cache_root.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            "CACHE_ROOT_PATH_OR_URL", cache_root, "a redis:// URL when CACHE_BACKEND=REDIS"
-        )
+        expected = "a redis:// URL when CACHE_BACKEND=REDIS"
+        raise ConfigError("CACHE_ROOT_PATH_OR_URL", redacted(cache_root), expected)
 
     tz = reader.raw("TZ")
     if tz is not None:
@@ -393,6 +403,7 @@ def _parse(reader: _Reader) -> Settings:
         redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "openai-forward"),
         token_rate_limit=reader.limit_map("TOKEN_RATE_LIMIT"),
         proxy=proxy,
+        upstream_max_connections=reader.integer("UPSTREAM_MAX_CONNECTIONS", 100, minimum=1),
         timeout=timeout,
         read_timeout=read_timeout,
         max_retries=reader.integer("MAX_RETRIES", 3, minimum=0),
@@ -410,4 +421,5 @@ def _parse(reader: _Reader) -> Settings:
         forwarded_allow_ips=_trusted_proxies(reader),
         cors_allow_origins=tuple(reader.items("CORS_ALLOW_ORIGINS") or ["*"]),
         tz=tz,
+        api_docs=reader.flag("API_DOCS", False),
     )

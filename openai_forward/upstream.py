@@ -1,8 +1,12 @@
-"""One target's upstream: its connection pool (:mod:`openai_forward.h1`), keys and retries.
+"""One target's upstream: its aiohttp session, its keys and the retry rules.
 
-This is the one module that catches the client's exceptions; everything above sees
-:class:`UpstreamError` / :class:`UpstreamTimeout` (answered as 502 / 504) or
-:class:`UpstreamBroken` (a body that broke off after the response had started).
+This is the one module that catches aiohttp's exceptions. Everything above sees
+:class:`UpstreamError` / :class:`UpstreamTimeout` (answered as 502 / 504 before any byte of the
+response went out) or :class:`UpstreamBroken` (a body that broke off after the response began).
+
+Retries never bill twice: a request is sent again only when the upstream cannot have received
+it (the connection could not be made, or a pooled keep-alive connection turned out to be closed),
+or when the upstream said to come back (429/5xx) and another key or a short wait can help.
 """
 
 from __future__ import annotations
@@ -10,21 +14,30 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 
-from openai_forward import h1
+import aiohttp
+from yarl import URL
+
 from openai_forward.auth import Credentials, KeyPool
-from openai_forward.body import BodyTooLarge, StreamedBody
+from openai_forward.body import StreamedBody
 from openai_forward.errors import ProxyError
+from openai_forward.outcome import Outcome
 
 logger = logging.getLogger("openai_forward.upstream")
 
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 8.0
-RETRY_AFTER_CAP = 10.0  # longer waits are the client's to make: the 429 is relayed
+RETRY_AFTER_CAP = 10.0  # longer waits are the client's to make: the answer is relayed
 KEY_COOLDOWN_429 = 60.0
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Answers that say "come back later": retried only when another key or a short wait can help.
+_COME_BACK = frozenset({429, 500, 502, 503, 504})
+# Headers aiohttp would add by itself. The proxy sends what the client sent and nothing more.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 class UpstreamError(ProxyError):
@@ -58,8 +71,76 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class Response:
+    """The upstream's answer, head read and body not yet: the relay's view of it."""
+
+    __slots__ = ("_raw", "base_url", "headers", "status")
+
+    def __init__(self, raw: aiohttp.ClientResponse, base_url: str) -> None:
+        self._raw = raw
+        self.base_url = base_url
+        self.status = raw.status
+        # Names lower-cased once, as ASGI wants them; values exactly as received.
+        self.headers = [(name.lower(), value) for name, value in raw.raw_headers]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        return self._raw.content_length
+
+    async def read(self) -> bytes:
+        """The whole body. Raises :class:`UpstreamBroken`."""
+        try:
+            return await self._raw.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Raises :class:`UpstreamBroken`."""
+        content = self._raw.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+
+    def at_eof(self) -> bool:
+        """Whether the whole body has been read."""
+        return self._raw.content.at_eof()
+
+    def release(self) -> None:
+        """Done with it: a body read to its end returns the connection to the pool; anything
+        else closes the connection (the upstream sees the request aborted)."""
+        if self._raw.content.at_eof():
+            self._raw.release()
+        else:
+            self._raw.close()
+
+
+@dataclass(frozen=True)
+class _Tracing:
+    """Whether a request went out on a connection taken from the pool (aiohttp's tracing)."""
+
+    config: aiohttp.TraceConfig
+
+    @classmethod
+    def build(cls) -> _Tracing:
+        async def reused(_: object, context: SimpleNamespace, __: object) -> None:
+            context.trace_request_ctx.reused = True
+
+        config = aiohttp.TraceConfig()
+        config.on_connection_reuseconn.append(reused)
+        return cls(config)
+
+
 class Upstream:
-    """All traffic to one target's base URL goes through one connection pool."""
+    """All traffic to one target's base URL: one pooled aiohttp session, opened at start-up."""
 
     def __init__(
         self,
@@ -70,110 +151,246 @@ class Upstream:
         max_retries: int,
         pool: KeyPool,
         proxy: str | None = None,
+        max_connections: int = 100,
     ) -> None:
         self.base_url = base_url
-        self._origin = h1.Origin(base_url, proxy)
+        self._base = base_url.encode("latin-1")
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_retries = max_retries
         self._pool = pool
-        self._conns: h1.Pool | None = None
+        self._proxy = proxy
+        self._max_connections = max_connections
+        # An HTTP proxy is named per request; a SOCKS proxy is the connector's way to connect.
+        self._http_proxy = None if proxy is None or proxy.startswith("socks") else proxy
+        self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # for streamed uploads, see send()
 
     async def open(self) -> None:
-        self._conns = h1.Pool(self._origin, self._connect_timeout, self._read_timeout)
+        self._session = self._new_session(keep_alive=True)
+        self._fresh = self._new_session(keep_alive=False)
+
+    def _new_session(self, *, keep_alive: bool) -> aiohttp.ClientSession:
+        # The default trust store, read now: SSL_CERT_FILE / SSL_CERT_DIR apply.
+        tls = ssl.create_default_context()
+        connector: aiohttp.BaseConnector
+        options = {"limit": self._max_connections, "ssl": tls, "force_close": not keep_alive}
+        if self._proxy is not None and self._http_proxy is None:
+            from aiohttp_socks import ProxyConnector  # the [socks] extra
+
+            connector = ProxyConnector.from_url(self._proxy, **options)
+        else:
+            connector = aiohttp.TCPConnector(**options)  # type: ignore[arg-type]
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=None,  # waiting for a free connection under the cap is not timed
+                sock_connect=self._connect_timeout,
+                sock_read=self._read_timeout,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            trust_env=False,
+            trace_configs=[_Tracing.build().config] if keep_alive else None,
+        )
 
     async def close(self) -> None:
-        if self._conns is not None:
-            self._conns.close()
-            self._conns = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
-    @staticmethod
-    def target(rest: bytes, query: bytes) -> bytes:
-        """The request target below the base URL's path (both already percent-encoded)."""
-        return rest + b"?" + query if query else rest
+    def url(self, rest: bytes, query: bytes) -> URL:
+        """The upstream URL for the part of the path below the prefix (already percent-encoded,
+        and sent as it is)."""
+        target = self._base + rest
+        if query:
+            target += b"?" + query
+        return URL(target.decode("latin-1"), encoded=True)
 
     async def send(
         self,
         method: str,
-        target: bytes,
+        url: URL,
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes | StreamedBody,
         creds: Credentials,
-    ) -> h1.Response:
-        """Send one request, retrying what can be retried (SPEC §6). Returns the response with
-        its head read and its body unread; the caller must release it."""
-        conns = self._conns
-        assert conns is not None, "Upstream.open() was not awaited"
+        outcome: Outcome | None = None,
+    ) -> Response:
+        """Send one request, retrying what can be retried; the response has its head read and
+        its body unread, and the caller must :meth:`~Response.release` it.
+
+        Retries are counted in ``outcome``. Raises :class:`UpstreamError`,
+        :class:`UpstreamTimeout` (both logged here, once per request), and what stopped a
+        streamed body (:class:`~openai_forward.body.ClientGone`,
+        :class:`~openai_forward.body.BodyTooLarge`).
+        """
+        try:
+            return await self._send(method, url, headers, body, creds, outcome)
+        except ProxyError as exc:
+            logger.warning("%s", exc.message)
+            raise
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | StreamedBody,
+        creds: Credentials,
+        outcome: Outcome | None,
+    ) -> Response:
+        assert self._session is not None and self._fresh is not None, "Upstream.open() first"
         pool = self._pool
-        attempt = 0
+        attempt = 0  # retries spent from MAX_RETRIES
+        stale_retried = False
         while True:
             key = pool.acquire() if creds.use_pool else None
-            if key is not None:
-                sent_headers = [*headers, (b"authorization", pool.header(key))]
-            elif creds.authorization is not None:
-                sent_headers = [*headers, (b"authorization", creds.authorization.encode("latin-1"))]
-            else:
-                sent_headers = headers  # type: ignore[assignment]
-            data = body.iterate() if isinstance(body, StreamedBody) else body
             try:
-                response = await conns.request(method, target, sent_headers, data)
-            except h1.ReadTimeout as exc:
-                # The upstream accepted the request and stayed silent for READ_TIMEOUT: waiting
-                # that long again would only double the client's wait.
-                raise UpstreamTimeout(
-                    f"Upstream {self.base_url} sent no response within "
-                    f"{self._read_timeout:g} seconds"
-                ) from exc
-            except BodyTooLarge as exc:
-                raise ProxyError(str(exc), 413) from exc
-            except h1.ClientError as exc:
-                failure = self._failure(exc)
+                raw = await self._attempt(method, url, headers, body, creds, key)
+            except _Stale as exc:
+                if stale_retried or not _replayable(body):
+                    raise self._failed("closed the connection without an answer", exc) from exc
+                stale_retried = True  # once, at once, outside MAX_RETRIES
+                _count(outcome)
+                continue
+            except _CannotConnect as exc:
                 if attempt >= self._max_retries or not _replayable(body):
-                    logger.warning("%s (after %d attempt(s))", failure.message, attempt + 1)
-                    raise failure from exc
-                # A pooled connection the upstream had closed fails at once: retry it at once.
-                stale = isinstance(exc, h1.Disconnected) and exc.stale
-                await asyncio.sleep(0 if stale else backoff(attempt))
+                    raise exc.error from exc.__cause__
+                await asyncio.sleep(backoff(attempt))
                 attempt += 1
+                _count(outcome)
                 continue
 
-            status = response.status
-            if status not in _RETRY_STATUS and status != 401:
-                return response
-            after = response.header(b"retry-after")
-            wait = retry_after(after.decode("latin-1") if after is not None else None)
+            status = raw.status
+            if status not in _COME_BACK and status != 401:
+                return Response(raw, self.base_url)
+            wait = retry_after(raw.headers.get("Retry-After"))
             if key is not None and status in (401, 429):
                 pool.bench(key, None if status == 401 else (wait or KEY_COOLDOWN_429))
-                if (
-                    attempt < self._max_retries
-                    and _replayable(body)
-                    and pool.has_free_other_than(key)
-                ):
-                    response.release()
+                if self._may_retry(attempt, body) and pool.has_free_other_than(key):
+                    raw.close()
                     attempt += 1
+                    _count(outcome)
                     continue
-            if status == 401 or attempt >= self._max_retries or not _replayable(body):
-                return response
-            delay = backoff(attempt) if wait is None else wait
-            if delay > RETRY_AFTER_CAP:
-                return response
-            response.release()
-            await asyncio.sleep(delay)
+            if (
+                status == 401
+                or wait is None
+                or wait > RETRY_AFTER_CAP
+                or not self._may_retry(attempt, body)
+            ):
+                return Response(raw, self.base_url)  # the client backs off as it was told
+            raw.close()
+            await asyncio.sleep(wait)
             attempt += 1
+            _count(outcome)
 
-    def _failure(self, exc: h1.ClientError) -> ProxyError:
-        if isinstance(exc, h1.ConnectTimeout):
-            return UpstreamTimeout(
-                f"Upstream {self.base_url} timed out while connecting ({self._connect_timeout:g} s)"
-            )
-        reason = "unreachable" if isinstance(exc, h1.ConnectError) else "failed"
-        return UpstreamError(f"Upstream {self.base_url} {reason}: {exc}")
+    def _may_retry(self, attempt: int, body: bytes | StreamedBody) -> bool:
+        return attempt < self._max_retries and _replayable(body)
 
-    async def read_body(self, response: h1.Response) -> bytes:
+    async def _attempt(
+        self,
+        method: str,
+        url: URL,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | StreamedBody,
+        creds: Credentials,
+        key: int | None,
+    ) -> aiohttp.ClientResponse:
+        """One try, with aiohttp's exceptions sorted by what may follow them."""
+        sent = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        if key is not None:
+            sent.append(("Authorization", self._pool.header(key).decode("latin-1")))
+        elif creds.authorization is not None:
+            sent.append(("Authorization", creds.authorization))
+        session = self._session
+        data: bytes | AsyncIterator[bytes] | None
+        if isinstance(body, bytes):
+            data = body or None  # no body: aiohttp then sends Content-Length: 0 where one is due
+        else:
+            # A body that cannot be sent twice never goes out on a pooled connection, which
+            # the upstream may have closed while it was idle: a fresh one cannot be stale.
+            session = self._fresh
+            data = body.iterate()
+            if body.length is not None:
+                sent.append(("Content-Length", str(body.length)))  # not re-framed as chunked
+        assert session is not None
+        trace = SimpleNamespace(reused=False)
         try:
-            return await response.read()
-        except h1.ClientError as exc:
-            raise UpstreamBroken(f"{self.base_url}: {exc}") from exc
+            return await session.request(
+                method,
+                url,
+                headers=sent,
+                data=data,
+                allow_redirects=False,
+                proxy=self._http_proxy,
+                trace_request_ctx=trace,
+            )
+        except TimeoutError as exc:  # aiohttp's timeouts are asyncio.TimeoutError
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise _CannotConnect(
+                    UpstreamTimeout(
+                        f"Upstream {self.base_url} timed out while connecting "
+                        f"({self._connect_timeout:g} s)"
+                    )
+                ) from exc
+            # Accepted and then silent for READ_TIMEOUT: waiting again would double the wait.
+            raise UpstreamTimeout(
+                f"Upstream {self.base_url} sent no response within {self._read_timeout:g} seconds"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            if isinstance(body, StreamedBody) and body.failure is not None:
+                raise body.failure from exc
+            raise self._sort(exc, reused=trace.reused) from exc
+
+    def _sort(self, exc: aiohttp.ClientError, *, reused: bool) -> Exception:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return self._failed("presented a TLS certificate that is not trusted", exc)
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return self._failed("failed the TLS handshake", exc)
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            return self._failed(f"cannot be reached: the proxy refused ({exc.status})", exc)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return _CannotConnect(self._failed("unreachable", exc))
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return self._failed("sent an invalid HTTP response", exc)
+        if reused and isinstance(exc, aiohttp.ClientConnectionError):
+            return _Stale()
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return self._failed("closed the connection without an answer", exc)
+        return self._failed("failed", exc)
+
+    def _failed(self, what: str, exc: BaseException) -> UpstreamError:
+        return UpstreamError(f"Upstream {self.base_url} {what}: {_describe(exc)}")
+
+
+class _Stale(Exception):
+    """A pooled keep-alive connection that the upstream had closed: it never saw the request."""
+
+
+class _CannotConnect(Exception):
+    """No connection could be made: the upstream cannot have received the request."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in a few words (aiohttp's messages can be empty or nested)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.message or type(exc).__name__
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _count(outcome: Outcome | None) -> None:
+    if outcome is not None:
+        outcome.retries += 1
 
 
 def _replayable(body: bytes | StreamedBody) -> bool:

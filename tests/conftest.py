@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from openai_forward.app import create_app
+from openai_forward.outcome import Reporter
 from openai_forward.server import uvicorn_options
 from openai_forward.settings import Settings
 from tests.support import RedisProcess, need_redis_server
@@ -97,14 +98,14 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
 class ProxyServer:
     """Our app served by a real uvicorn on 127.0.0.1, in a thread with its own event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reporters: Sequence[Reporter] = ()) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, reporters=reporters)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options())
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -139,8 +140,9 @@ def make_settings(env: dict[str, str]) -> Settings:
 def proxy_factory() -> Iterator[Callable[..., ProxyServer]]:
     started: list[ProxyServer] = []
 
-    def start(**env: Any) -> ProxyServer:
-        server = ProxyServer(make_settings({k: str(v) for k, v in env.items()})).start()
+    def start(reporters: Sequence[Reporter] = (), **env: Any) -> ProxyServer:
+        settings = make_settings({k: str(v) for k, v in env.items()})
+        server = ProxyServer(settings, reporters).start()
         started.append(server)
         return server
 

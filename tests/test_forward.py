@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import time
 
@@ -12,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from openai_forward import app, forward
+from openai_forward import forward
 from tests.conftest import ProxyServer, RecordingUpstream
 from tests.support import free_port
 
@@ -594,23 +593,21 @@ async def test_ip_blacklist_and_whitelist(proxy_factory, upstream):
     assert len(upstream.requests) == 1
 
 
-async def test_hang_up_watch_survives_a_receive_that_is_no_coroutine(monkeypatch):
-    """ASGI only asks ``receive`` to be awaitable. One that returns a future is watched like
-    uvicorn's coroutine, and a request whose watch could not start does not stop the watch of
-    the others (the sweep's timer used to stay stuck after such an error)."""
-    monkeypatch.setattr(forward, "WATCH_AFTER", 0.02)
+async def test_hang_up_watch_takes_any_awaitable_receive_and_survives_a_broken_one():
+    """ASGI only asks ``receive`` to return an awaitable. One that returns a future is watched
+    like uvicorn's coroutine; one that raises leaves the request unwatched, not failed."""
     loop = asyncio.get_running_loop()
-    sweep = forward.Sweep()
 
     async def request(receive) -> str:
-        guard = forward.DisconnectGuard(receive, sweep)
+        watch = forward.HangUpWatch(receive)
+        watch.start()
         try:
             await asyncio.sleep(2)
             return "finished"
         except asyncio.CancelledError:
-            return "noticed" if guard.gone else "cancelled"
+            return "noticed" if watch.gone else "cancelled"
         finally:
-            guard.stop()
+            watch.stop()
 
     def as_future():
         future = loop.create_future()
@@ -623,19 +620,36 @@ async def test_hang_up_watch_survives_a_receive_that_is_no_coroutine(monkeypatch
     async def coroutine():
         return {"type": "http.disconnect"}
 
-    first = [loop.create_task(request(r)) for r in (as_future, broken)]
-    assert await first[0] == "noticed"
-    later = loop.create_task(request(coroutine))  # after the failed watch
-    assert await asyncio.wait_for(later, 1) == "noticed"
-    first[1].cancel()
-    assert await first[1] == "cancelled"
+    assert await asyncio.wait_for(loop.create_task(request(as_future)), 1) == "noticed"
+    assert await asyncio.wait_for(loop.create_task(request(coroutine)), 1) == "noticed"
+    unwatched = loop.create_task(request(broken))
+    await asyncio.sleep(0.05)
+    unwatched.cancel()
+    assert await unwatched == "cancelled"
 
 
-async def test_shutdown_undoes_the_garbage_collector_settings(proxy_factory, upstream):
-    before = gc.get_threshold()
-    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url)
-    assert gc.get_freeze_count() > 0
-    assert gc.get_threshold()[0] == app.GC_YOUNG_THRESHOLD
-    proxy.stop()
-    assert gc.get_freeze_count() == 0
-    assert gc.get_threshold() == before
+def test_a_worker_settles_the_garbage_collector_and_create_app_does_not(tmp_path):
+    """``aifd run`` workers freeze what exists at start-up and raise the young threshold; an app
+    built with create_app (tests, embedding) leaves the process's collector alone."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc\n"
+        "from openai_forward import server\n"
+        "from openai_forward.app import create_app\n"
+        "from openai_forward.settings import Settings\n"
+        "before = gc.get_threshold()\n"
+        "create_app(Settings.from_env(environ={}, env_file=None))\n"
+        "assert gc.get_freeze_count() == 0 and gc.get_threshold() == before\n"
+        "server.worker_app()\n"
+        "assert gc.get_freeze_count() > 0, 'nothing frozen'\n"
+        "assert gc.get_threshold()[0] == server.GC_YOUNG_THRESHOLD\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "EXTRA_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.strip() == b"ok"

@@ -130,9 +130,25 @@ async def test_redis_fixture_gives_a_private_prefix(redis_server):
 
 def test_bad_proxy_url_never_shows_its_password():
     with pytest.raises(ConfigError) as info:
-        parse(PROXY="socks5://user:s3cret@proxy:1080")
+        parse(PROXY="ftp://user:s3cret@proxy:1080")
     assert "s3cret" not in str(info.value)
     assert "user:***@proxy" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://u:p@proxy:3128", "https://proxy:443", "socks5://proxy:1080", "socks5h://p:1"]
+)
+def test_proxy_schemes(url):
+    assert parse(PROXY=url).proxy == url
+
+
+def test_upstream_connection_cap_and_docs_switch():
+    assert parse().upstream_max_connections == 100
+    assert parse(UPSTREAM_MAX_CONNECTIONS="8").upstream_max_connections == 8
+    with pytest.raises(ConfigError, match="UPSTREAM_MAX_CONNECTIONS"):
+        parse(UPSTREAM_MAX_CONNECTIONS="0")
+    assert parse().api_docs is False
+    assert parse(API_DOCS="true").api_docs is True
 
 
 @pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "FORWARD_KEY"])
