@@ -64,7 +64,8 @@ def test_key_ignores_delivery_fields_and_changes_with_target_route_query():
 
 def test_caching_field_removed_and_usage_option():
     body = without_caching_field({**REQUEST, "caching": True})
-    assert orjson.loads(body) == REQUEST
+    assert body is not None and orjson.loads(body) == REQUEST
+    assert without_caching_field(REQUEST) is None  # the client's body goes as it came
     assert wants_usage({"stream_options": {"include_usage": True}})
     assert not wants_usage({"stream_options": None}) and not wants_usage({})
 

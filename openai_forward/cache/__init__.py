@@ -1,4 +1,4 @@
-"""The response cache (SPEC §8): a repeated request is answered without the upstream.
+"""The response cache: a repeated request is answered without the upstream.
 
 :meth:`ResponseCache.begin` gives each cacheable call a ticket. A hit replays the stored answer
 (JSON, or SSE for a stream request, whichever form filled the entry). A miss watches the relayed
@@ -14,10 +14,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from openai_forward.cache.keys import key_of_fields, split_body, wants_usage
+from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
 from openai_forward.cache.store import (
     ON_DISK,
     Store,
@@ -51,12 +51,6 @@ class ResponseCache:
         members_only: bool = False,
     ) -> None:
         self.store = store
-        # A store that reads and writes at once (MEMORY) is used directly, without a coroutine
-        # or a task.
-        self._put: Callable[[bytes, bytes], None] | None = getattr(store, "put", None)
-        # (a store offers ``peek`` only if it cannot fail: no I/O, nothing to step aside from)
-        self._peek: Callable[[bytes], bytes | None] | None = getattr(store, "peek", None)
-        self._settle_call = self._settle  # one bound method, not one per ticket
         self._kinds = kinds
         self._read_by_default = read_by_default
         self._ttl = ttl
@@ -94,53 +88,45 @@ class ResponseCache:
 
     async def begin(self, call: Call) -> Ticket | None:
         """The call's ticket (may wait for an identical call in flight), or None when this call
-        may not use the cache. Rewrites ``call.body`` without the ``caching`` field: every
-        call of an openai-type target comes here, since that field is ours and must never reach
-        the upstream."""
+        may not use the cache. Rewrites ``call.body`` without the ``caching`` field: while the
+        cache is on, every call of an openai-type target comes here, so that field of ours does
+        not reach the upstream."""
         payload = call.payload
-        if call.kind not in self._kinds and "caching" not in payload:
-            return None
-        fields, body = split_body(payload)
+        body = without_caching_field(payload)
         if body is not None:
             call.body = body
         if call.kind not in self._kinds:
             return None
         chat = call.kind == "chat"
         flag = payload.get("caching")
-        key = key_of_fields(call.target.base_url, call.route, call.query, fields)
+        key = cache_key(call.target.base_url, call.route, call.query, payload)
         reads = flag if isinstance(flag, bool) else self._read_by_default
         if not reads or (self._members_only and call.user is None):
             # It may not read, but its fresh answer refreshes the entry.
-            return Miss(self._settle_call, key, None, chat)
-        answer = self._writing.get(key) if self._writing else None
+            return Miss(self._settle, key, None, chat)
+        answer = self._writing.get(key)
         if answer is None and key not in self._flights:
-            if self._peek is not None:
-                value = self._peek(key)
-                answer = None if value is None else self._unpacked(key, value)
-            else:
-                answer = await self._read(key)
-                if answer is None and self._writing:
-                    answer = self._writing.get(key)  # stored while we were reading
+            answer = await self._read(key)
+            if answer is None:
+                answer = self._writing.get(key)  # stored while we were reading
         if answer is None:
             flight = self._flights.get(key)
             if flight is None:
                 flight = self._flights[key] = asyncio.get_running_loop().create_future()
-                return Miss(self._settle_call, key, flight, chat)
+                return Miss(self._settle, key, flight, chat)
             # Shielded: a follower that goes away must not cancel the others' wait.
             answer = await asyncio.shield(flight)
             if answer is None:
                 # The first call got no storable answer. Followers go upstream together rather
                 # than one after another: an error is likely to repeat, and queueing them would
                 # multiply the wait.
-                return Miss(self._settle_call, key, None, chat)
+                return Miss(self._settle, key, None, chat)
         return Hit(answer, chat, call.stream and wants_usage(payload))
 
     def _settle(
         self, key: bytes, flight: asyncio.Future[bytes | None] | None, answer: bytes | None
     ) -> None:
-        if answer is not None and self._put is not None:
-            self._put(key, pack(answer, self._ttl))
-        elif answer is not None and len(self._writing) < MAX_PENDING_WRITES:
+        if answer is not None and len(self._writing) < MAX_PENDING_WRITES:
             self._writing[key] = answer
             self._spawn(self._write(key, answer))
         if flight is not None:
@@ -159,9 +145,6 @@ class ResponseCache:
             return None
         if value is None:
             return None
-        return self._unpacked(key, value)
-
-    def _unpacked(self, key: bytes, value: bytes) -> bytes | None:
         answer, expired = unpack(value)
         if expired:
             self._spawn(self._delete(key))
@@ -234,6 +217,10 @@ def check_startup(settings: Settings) -> None:
     if not settings.cache_enabled:
         return
     check_driver(settings.cache_backend)
+    if settings.cache_backend == "REDIS":
+        from openai_forward.cache.redis_store import require_driver
+
+        require_driver()  # redis-py is an extra, imported only for this backend
     if settings.cache_backend in ON_DISK:
         store = build_store(settings)
         try:

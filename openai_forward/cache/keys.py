@@ -20,24 +20,7 @@ NOT_IN_KEY = frozenset({"stream", "stream_options", "caching"})
 
 def cache_key(base_url: str, route: str, query: bytes, payload: dict[str, Any]) -> bytes:
     """The 32-byte key of a request whose JSON body is ``payload``."""
-    return key_of_fields(base_url, route, query, split_body(payload)[0])
-
-
-def split_body(payload: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-    """From one copy of ``payload``: the fields that make its key, and the body to send upstream
-    when the client added our ``caching`` field (None: the body goes as it came)."""
-    fields = dict(payload)
-    body = None
-    if "caching" in fields:
-        del fields["caching"]
-        body = orjson.dumps(fields)
-    for name in NOT_IN_KEY:
-        fields.pop(name, None)
-    return fields, body
-
-
-def key_of_fields(base_url: str, route: str, query: bytes, fields: dict[str, Any]) -> bytes:
-    """:func:`cache_key` of a body whose ``NOT_IN_KEY`` fields are already left out."""
+    fields = {name: value for name, value in payload.items() if name not in NOT_IN_KEY}
     canonical = orjson.dumps(
         (KEY_VERSION, base_url, route, query.decode("latin-1"), fields),
         option=orjson.OPT_SORT_KEYS,
@@ -45,10 +28,12 @@ def key_of_fields(base_url: str, route: str, query: bytes, fields: dict[str, Any
     return hashlib.sha256(canonical).digest()
 
 
-def without_caching_field(payload: dict[str, Any]) -> bytes:
-    """The body to send upstream when the client added our ``caching`` field."""
-    body = split_body(payload)[1]
-    return orjson.dumps(payload) if body is None else body
+def without_caching_field(payload: dict[str, Any]) -> bytes | None:
+    """The body to send upstream when the client added our ``caching`` field; None when there
+    is no such field and the client's body goes as it came."""
+    if "caching" not in payload:
+        return None
+    return orjson.dumps({name: value for name, value in payload.items() if name != "caching"})
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:

@@ -28,23 +28,13 @@ class MemoryStore:
         self.size = 0
 
     async def get(self, key: bytes) -> bytes | None:
-        return self.peek(key)
-
-    def peek(self, key: bytes) -> bytes | None:
-        """``get`` without the coroutine: the cache calls this directly."""
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
-        self.put(key, value)
-
-    def put(self, key: bytes, value: bytes) -> None:
-        """``set`` without the coroutine: the cache calls this directly (no task per write)."""
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= len(key) + len(old)
+        self._remove(key)
         cost = len(key) + len(value)
         if cost > self.max_bytes // 4:
             return  # one answer may not push out most of the others
