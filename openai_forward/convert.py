@@ -1,4 +1,4 @@
-"""``aifd convert`` (SPEC §9): chat logs to ``Log/chat_<name>.json``, a JSON array of conversations.
+"""``aifd convert``: chat logs to ``Log/chat_<name>.json``, a JSON array of conversations.
 
 Request and response records are joined by ``uid`` and written in request order, reading the
 rotated files oldest first. Lines of the original openai-forward (Python dict literals such as

@@ -20,9 +20,10 @@ Write = tuple[bytes, bytes | None]  # None deletes
 
 
 class Worker:
-    """One thread running calls in order. Lighter than ``run_in_executor`` (a third of its CPU
-    on the loop, measured): a plain queue in, one ``call_soon_threadsafe`` back. A hit on a disk
-    backend pays this hop, so it is kept lean."""
+    """One thread running calls in the order they came: a plain queue in, one
+    ``call_soon_threadsafe`` back. Every hit on a disk backend pays this hop, and it asks less
+    of the event loop than ``run_in_executor`` (which wraps a ``concurrent.futures.Future`` in
+    an asyncio one and may hand calls to several threads)."""
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
