@@ -1,4 +1,4 @@
-"""Keys (SPEC §5): forward keys to real keys, rotation, cool-down. No I/O."""
+"""Keys: forward keys to real keys, rotation, cool-down. No I/O."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from openai_forward.settings import Secret
-
-
-def key_id(key: str) -> str:
-    """A stable, non-reversible name for a key, fit for storage keys and logs."""
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 class KeyPool:
