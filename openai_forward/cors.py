@@ -1,4 +1,4 @@
-"""CORS for browser clients (SPEC §4): preflights answered locally, origin echoed on responses."""
+"""CORS for browser clients: preflights answered locally, origin echoed on responses."""
 
 from __future__ import annotations
 

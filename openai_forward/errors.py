@@ -1,4 +1,4 @@
-"""Errors made by the proxy itself, in OpenAI's shape so SDKs show the message (SPEC §10)."""
+"""Errors made by the proxy itself, in OpenAI's shape so SDKs show the message."""
 
 from __future__ import annotations
 

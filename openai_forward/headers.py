@@ -1,4 +1,4 @@
-"""Header filtering in both directions (SPEC §4), one pass each way."""
+"""Header filtering in both directions, one pass each way."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keys through the real server (SPEC §5): swapping, rotation, open mode, cool-down."""
+"""Keys through the real server: swapping, rotation, open mode, cool-down."""
 
 from __future__ import annotations
 

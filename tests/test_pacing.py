@@ -1,4 +1,4 @@
-"""TOKEN_RATE_LIMIT: streams leave the proxy event by event, no faster than the pace (SPEC §7.2),
+"""TOKEN_RATE_LIMIT: streams leave the proxy event by event, no faster than the pace,
 measured at a real client socket."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Request limits through the real proxy, on every backend (SPEC §7.1).
+"""Request limits through the real proxy, on every backend.
 
 Each test that takes ``limit_env`` runs once on ``memory://`` and once on the real Redis
 (under a key prefix of its own), like ``limits`` runs one suite over its storages.

@@ -1,4 +1,4 @@
-"""Settings parsing and validation (SPEC §2): pure, no server."""
+"""Settings parsing and validation: pure, no server."""
 
 from __future__ import annotations
 
