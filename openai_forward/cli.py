@@ -41,7 +41,7 @@ class Cli:
         from openai_forward.banner import print_banner
 
         print_banner(settings, workers)
-        serve(host=host, port=port, workers=workers)
+        serve(settings, host=host, port=port, workers=workers)
 
     def convert(self, log_folder: str | None = None, target_path: str | None = None) -> None:
         """Turn chat logs into JSON files (Log/chat_<name>.json).

@@ -39,8 +39,9 @@ def check_startup(settings: Settings) -> None:
             ) from None
 
 
-def uvicorn_options() -> dict[str, Any]:
+def uvicorn_options(settings: Settings | None = None) -> dict[str, Any]:
     """The uvicorn options the product runs with (tests use the same)."""
+    shutdown = settings.shutdown_timeout if settings is not None else 5
     return {
         "loop": "uvloop",
         "http": "httptools",
@@ -49,7 +50,8 @@ def uvicorn_options() -> dict[str, Any]:
         "server_header": False,
         # X-Forwarded-For is read by ClientAddress, only when the client address is needed.
         "proxy_headers": False,
-        "timeout_graceful_shutdown": 5,
+        # On SIGTERM: stop accepting, let requests and streams in flight finish this long.
+        "timeout_graceful_shutdown": shutdown,
     }
 
 
@@ -91,7 +93,7 @@ def worker_app() -> ProxyApp:
     return app
 
 
-def serve(*, host: str, port: int, workers: int) -> None:
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "openai_forward.server:worker_app",
         factory=True,
@@ -100,5 +102,5 @@ def serve(*, host: str, port: int, workers: int) -> None:
         workers=workers,
         log_level="info",
         log_config=log_config(),
-        **uvicorn_options(),
+        **uvicorn_options(settings),
     )

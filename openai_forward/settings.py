@@ -118,6 +118,7 @@ class Settings:
     cors_allow_origins: tuple[str, ...] = ("*",)
     tz: str | None = None
     api_docs: bool = False  # serve /docs and /openapi.json (the proxy's own routes only)
+    shutdown_timeout: float = 30.0  # seconds requests in flight may take to finish on SIGTERM
 
     @property
     def open_mode(self) -> bool:
@@ -389,7 +390,8 @@ def _parse(reader: _Reader) -> Settings:
     timeout = reader.number("TIMEOUT", 10.0)
     read_timeout = reader.number("READ_TIMEOUT", 600.0)
     cache_ttl = reader.number("CACHE_TTL", None)
-    assert timeout is not None and read_timeout is not None
+    shutdown_timeout = reader.number("SHUTDOWN_TIMEOUT", 30.0)
+    assert timeout is not None and read_timeout is not None and shutdown_timeout is not None
 
     return Settings(
         targets=tuple(targets),
@@ -422,4 +424,5 @@ def _parse(reader: _Reader) -> Settings:
         cors_allow_origins=tuple(reader.items("CORS_ALLOW_ORIGINS") or ["*"]),
         tz=tz,
         api_docs=reader.flag("API_DOCS", False),
+        shutdown_timeout=shutdown_timeout,
     )

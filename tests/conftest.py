@@ -105,7 +105,7 @@ class ProxyServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options())
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -133,7 +133,8 @@ class ProxyServer:
 
 
 def make_settings(env: dict[str, str]) -> Settings:
-    return Settings.from_env(environ=env, env_file=None)
+    # Test servers wait 5 s, not the default 30, for what is in flight when they stop.
+    return Settings.from_env(environ={"SHUTDOWN_TIMEOUT": "5", **env}, env_file=None)
 
 
 @pytest.fixture
