@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from openai_forward.chatlog import KEEP_BYTES, ChatLog
-from openai_forward.chatrecord import request_record, response_record
+from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.exchange import Call
 from openai_forward.settings import Target
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import orjson
 
+from openai_forward.chatlog.writer import LogWriter
 from openai_forward.convert import log_files
-from openai_forward.logwriter import LogWriter
 
 
 def lines_of(folder: Path) -> list[dict]:
@@ -85,7 +85,7 @@ def test_a_line_longer_than_the_limit_gets_a_file_of_its_own(tmp_path: Path):
 WRITER_PROCESS = """
 import sys, time
 from pathlib import Path
-from openai_forward.logwriter import LogWriter
+from openai_forward.chatlog.writer import LogWriter
 
 name, count, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 writer = LogWriter(root, max_bytes=20000, backups=500, queue_size=count + 1, linger=0.002)

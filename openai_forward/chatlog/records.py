@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.chatanswer import (
+from openai_forward.chatlog.answers import (
     ERROR_TEXT_LIMIT,
     Answer,
     Choice,

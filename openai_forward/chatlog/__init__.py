@@ -2,7 +2,7 @@
 
 On the event loop a call costs an id and appending relayed chunks to a list; both records are
 picked (from the parsed body, and from those chunks) and serialized by the writer thread
-(:mod:`openai_forward.logwriter`). Files: ``<LOG_FOLDER>/<name>/<kind>/<kind>.log`` with
+(:mod:`openai_forward.chatlog.writer`). Files: ``<LOG_FOLDER>/<name>/<kind>/<kind>.log`` with
 ``<name>`` the target's :attr:`~openai_forward.settings.Target.log_name`.
 """
 
@@ -16,9 +16,9 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from openai_forward.chatrecord import request_record, response_record
+from openai_forward.chatlog.records import request_record, response_record
+from openai_forward.chatlog.writer import LogWriter, Render
 from openai_forward.exchange import Call, CallKind, Headers, Observer
-from openai_forward.logwriter import LogWriter, Render
 from openai_forward.settings import ConfigError, Settings
 
 # Bytes of an answer kept for its record; past that only its end is kept (``truncated``).
