@@ -1,4 +1,4 @@
-"""The start-up banner (SPEC §11): one rich panel per target, then the rate-limit panel."""
+"""The start-up banner: one rich panel per target, then the rate-limit panel."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 
-from openai_forward.ratelimit.storage import redacted
-from openai_forward.settings import Settings, Target
+from openai_forward.settings import Settings, Target, redacted
 
 
 def _rows(title: str, rows: list[tuple[str, str]]) -> Panel:

@@ -1,4 +1,5 @@
-"""Helpers shared by several test files: a free port and a redis-server of a test's own."""
+"""Helpers shared by several test files: a free port and a redis-server of a test's own (plain,
+over TLS with a local CA, or in Sentinel mode)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -29,37 +31,75 @@ def need_redis_server() -> None:
 
 class RedisProcess:
     """A redis-server on 127.0.0.1 without persistence, that a test may stop, kill, freeze and
-    start again: always on the same port, so that clients find it again."""
+    start again: always on the same port, so that clients find it again.
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    With ``tls`` it serves TLS only, with a certificate for 127.0.0.1 from a CA of its own
+    (``ca_file``). With ``config`` (a file it may rewrite) it starts from that file: Sentinel
+    mode needs one.
+    """
+
+    def __init__(
+        self, directory: Path, *extra: str, tls: bool = False, config: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.directory = directory
         self.extra = extra  # more options, such as --requirepass or --unixsocket
+        self.tls = tls
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
+        if tls:
+            import trustme
+
+            ca = trustme.CA()
+            ca.cert_pem.write_to_path(self.ca_file)
+            server = ca.issue_cert("127.0.0.1")
+            server.private_key_pem.write_to_path(directory / "key.pem")
+            server.cert_chain_pems[0].write_to_path(directory / "cert.pem")
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.pem"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        command = ["redis-server", *([str(self.config)] if self.config else [])]
+        if self.tls:
+            d = self.directory
+            command += ["--port", "0", "--tls-port", str(self.port),
+                        "--tls-cert-file", str(d / "cert.pem"), "--tls-key-file", str(d / "key.pem"),
+                        "--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "no"]  # fmt: skip
+        else:
+            command += ["--port", str(self.port)]
+        return [*command, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory), *self.extra]  # fmt: skip
+
+    def _connect(self) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+        if not self.tls:
+            return conn
+        context = ssl.create_default_context(cafile=self.ca_file)
+        return context.wrap_socket(conn, server_hostname="127.0.0.1")
 
     def start(self) -> RedisProcess:
         """Start it and wait until it answers PING (with NOAUTH when it wants a password)."""
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), *self.extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        log = self.directory / "redis-server.log"
+        with log.open("ab") as output:
+            self.process = subprocess.Popen(self._command(), stdout=output, stderr=output)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                with self._connect() as conn:
                     conn.sendall(b"PING\r\n")
                     if conn.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 time.sleep(0.05)
         self.kill()
-        raise RuntimeError("redis-server did not start")
+        last = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError("redis-server did not start: " + " | ".join(last))
 
     def stop(self) -> None:
         """SIGTERM: a clean shutdown."""

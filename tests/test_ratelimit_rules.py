@@ -14,8 +14,7 @@ from openai_forward.banner import print_banner
 from openai_forward.ratelimit import build_limiter, pacing_intervals
 from openai_forward.ratelimit.memory import MemoryCounters
 from openai_forward.ratelimit.rules import Rules, canonical_route, refusal
-from openai_forward.ratelimit.storage import redacted
-from openai_forward.settings import Settings
+from openai_forward.settings import Settings, redacted
 
 
 def settings(**env: str) -> Settings:

@@ -1,8 +1,9 @@
 """What each RATE_LIMIT_STRATEGY does over time, with short windows, on every backend.
 
 The limiter is driven directly (a check takes microseconds, so the timeline is crisp); the
-road through the proxy is covered in test_ratelimit.py. Each timeline is chosen so that the
-strategy's answer differs from a plain fixed window's at one step at least.
+road through the proxy is covered in test_ratelimit.py, and counting together with ``limits``'
+own Redis storage in test_redis_limits.py. Each timeline is chosen so that the strategy's answer
+differs from a plain fixed window's at one step at least.
 """
 
 from __future__ import annotations
@@ -107,32 +108,3 @@ async def test_several_limits_count_in_order_and_stop_at_the_first_full_one(
     refusal = await limiter.check("u", "/v1/chat/completions")
     assert refusal is not None
     assert "3 per 1 minute" in refusal.message  # refused by the minute, not the second
-
-
-@pytest.mark.redis
-async def test_redis_keys_are_those_of_limits(redis_server):
-    """One script call counts all of a route's limits; its keys are limits' own
-    (``<prefix>:<key_for(user, route)>``), so processes on limits' strategies count together."""
-    env = {
-        "REQ_RATE_LIMIT_BACKEND": redis_server.url,
-        "REDIS_KEY_PREFIX": redis_server.prefix,
-        "GLOBAL_RATE_LIMIT": "5/second;7/2minutes",
-    }
-    limiter = build_limiter(Settings.from_env(env, env_file=None))
-    assert limiter is not None
-    await limiter.open()
-    try:
-        assert await limiter.check("user-1", "/v1/embeddings") is None
-        backend = limiter._backend
-        assert backend is not None and backend.hit_all is not None
-        storage = backend.strategy.storage
-        _, items = limiter._rules.for_route("/v1/embeddings")
-        expected = [
-            storage.prefixed_key(item.key_for("user-1", "/v1/embeddings")) for item in items
-        ]
-        assert backend.hit_all.keys(items, "user-1", "/v1/embeddings") == expected
-        client = storage.client
-        assert [await client.execute(b"GET", key) for key in expected] == [b"1", b"1"]
-        assert 0 < await client.execute(b"TTL", expected[1]) <= 120
-    finally:
-        await limiter.close()

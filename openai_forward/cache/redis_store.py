@@ -1,14 +1,19 @@
-"""REDIS: one cache shared by every worker and instance, over our own pipelined client
-(:mod:`openai_forward.resp`, one connection per process).
+"""REDIS: one cache shared by every worker and instance, through redis-py's asyncio client.
 
 Keys are ``<REDIS_KEY_PREFIX>:cache:<hex digest>``; Redis drops expired entries itself
-(``SET ... PX``). A command unanswered in 2 s fails (a miss for the caller); a lost connection
-is opened again on the next command: a cache must not hold a request up.
+(``SET ... PX``). A command unanswered in 2 s fails and is not retried (the caller treats any
+failure as a miss and steps aside for a while): a cache must not hold a request up. redis-py
+comes with the ``[redis]`` extra and is imported only when this backend is chosen.
 """
 
 from __future__ import annotations
 
-from openai_forward.resp import RedisClient
+from typing import TYPE_CHECKING, cast
+
+from openai_forward.settings import ConfigError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 TIMEOUT = 2.0
 
@@ -19,29 +24,48 @@ class RedisStore:
     def __init__(self, url: str, prefix: str) -> None:
         self._url = url
         self._prefix = f"{prefix}:cache:"
-        self._client: RedisClient | None = None
+        self._client: Redis | None = None
 
     async def open(self) -> None:
-        self._client = RedisClient(self._url, timeout=TIMEOUT, connect_timeout=TIMEOUT)
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # No retry (redis-py retries 10 times by default): a miss now beats an answer later.
+        self._client = Redis.from_url(
+            self._url,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.close()
+            await client.aclose()
 
-    def _live(self) -> RedisClient:
+    def _live(self) -> Redis:
         assert self._client is not None, "RedisStore used before open"
         return self._client
 
     async def get(self, key: bytes) -> bytes | None:
-        return await self._live().execute(b"GET", self._prefix + key.hex())
+        return cast(bytes | None, await self._live().get(self._prefix + key.hex()))
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
         name = self._prefix + key.hex()
-        if ttl:
-            await self._live().execute(b"SET", name, value, b"PX", max(1, int(ttl * 1000)))
-        else:
-            await self._live().execute(b"SET", name, value)
+        await self._live().set(name, value, px=max(1, int(ttl * 1000)) if ttl else None)
 
     async def delete(self, key: bytes) -> None:
-        await self._live().execute(b"DEL", self._prefix + key.hex())
+        await self._live().delete(self._prefix + key.hex())
+
+
+def require_driver() -> None:
+    """Raise ``ConfigError`` naming the extra to install when redis-py is missing."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "CACHE_BACKEND",
+            "REDIS",
+            "its driver 'redis' installed: pip install \"openai-forward[redis]\"",
+        ) from None

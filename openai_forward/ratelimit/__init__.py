@@ -1,7 +1,8 @@
-"""Per-user request limits (SPEC §7.1) and stream pacing (SPEC §7.2).
+"""Per-user request limits and stream pacing.
 
 - ``rules``: what is limited, from settings alone (pure).
-- ``storage``: where counters live (``limits``' async memory or Redis storage) and the strategy.
+- ``storage``: where counters live (in this process, or Redis through ``limits``' own Redis
+  storage) and the strategy on them.
 - ``limiter``: the :class:`RequestLimiter` the forwarder asks before a request goes upstream.
 """
 

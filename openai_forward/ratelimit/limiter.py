@@ -1,4 +1,4 @@
-"""The request limiter the forwarder calls before anything goes upstream (SPEC §7.1)."""
+"""The request limiter the forwarder calls before anything goes upstream."""
 
 from __future__ import annotations
 
@@ -74,14 +74,9 @@ class RequestLimiter:
         backend = self._backend
         assert backend is not None, "RequestLimiter.check before open"
         try:
-            if backend.hit_all is not None:
-                over = await backend.hit_all(items, user, route)
-                if over is not None:
-                    return await self._refuse(over, user, route)
-            else:
-                for item in items:
-                    if not await backend.strategy.hit(item, user, route):
-                        return await self._refuse(item, user, route)
+            for item in items:
+                if not await backend.strategy.hit(item, user, route):
+                    return await self._refuse(item, user, route)
         except self._errors as exc:
             return self._storage_failed(exc)
         if self._down_until:

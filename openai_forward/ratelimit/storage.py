@@ -1,31 +1,46 @@
-"""Where the counters live (in-process or Redis, behind ``limits``' async storage interface)
-and the strategy on them.
+"""Where the counters live, and the strategy on them.
 
-Redis is reached through our own pipelined client (:mod:`openai_forward.resp`).
+``memory://`` keeps them in this process (:mod:`openai_forward.ratelimit.memory`). A Redis URL
+keeps them in Redis through ``limits``' own ``RedisStorage`` on redis-py's asyncio client: the
+keys and Lua scripts are those of ``limits``, so a process using ``limits`` directly with the
+same key prefix counts together with the proxy. redis-py comes with the ``[redis]`` extra and is
+imported only when a Redis URL is configured.
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from limits import RateLimitItem
-from limits.aio.storage import Storage
+from limits.aio.storage import RedisSentinelStorage, RedisStorage, Storage
+from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import STRATEGIES as LIMITS_STRATEGIES
 from limits.aio.strategies import FixedWindowRateLimiter, RateLimiter
+from limits.storage import storage_from_string
 
 from openai_forward.ratelimit.memory import MemoryCounters
-from openai_forward.ratelimit.redis_counters import FixedWindowHits, RedisCounters
-from openai_forward.resp import RedisClient, RedisError, Script
-from openai_forward.resp_wire import Parser, RedisReplyError, Reply, encode, handshake
-from openai_forward.resp_wire import parse_url as parse_redis_url
 from openai_forward.settings import ConfigError, Settings, redacted
 
-# A Redis call that takes longer than this counts as a failure (fail open or closed) instead of
-# holding the request: a dead Redis host must not hang the proxy.
+if TYPE_CHECKING:  # redis-py is an optional extra
+    import redis
+    import redis.asyncio
+
+VARIABLE = "REQ_RATE_LIMIT_BACKEND"
+# A Redis call slower than this is a failure (the limiter then fails open or closed) rather
+# than a request held up: a dead or frozen Redis host must not hang the proxy.
 REDIS_TIMEOUT = 1.0
+STARTUP_TIMEOUT = 2.0
+
+# The URL schemes accepted, and what ``limits`` calls them (its async storages add "async+").
+LIMITS_SCHEMES = {
+    "redis": "redis",
+    "rediss": "rediss",
+    "unix": "redis+unix",
+    "redis+sentinel": "redis+sentinel",
+    "redis+cluster": "redis+cluster",
+}
 
 # INCRBY and push the expiry back on every hit, refused ones included, in one atomic step.
 _ELASTIC_INCR = """
@@ -46,12 +61,15 @@ class FixedWindowElasticExpiry(FixedWindowRateLimiter):
     def __init__(self, storage: Storage) -> None:
         super().__init__(storage)
         self._incr: Callable[[str, int, int], Awaitable[int]]
-        if isinstance(storage, RedisCounters):
-            script = Script(storage.client, _ELASTIC_INCR)
-            prefixed = storage.prefixed_key
+        if isinstance(storage, RedisStorage):
+            # The script runs on the client limits' storage already holds rather than on one of
+            # our own: the same pool, timeouts and TLS options, and Sentinel's master or the
+            # cluster node of the key found by redis-py as for limits' own scripts.
+            bridge = cast(RedispyBridge, storage.bridge)
+            script = _async_client(bridge).register_script(_ELASTIC_INCR)
 
             async def incr(key: str, expiry: int, amount: int) -> int:
-                return int(await script([prefixed(key)], [expiry, amount]))
+                return int(await script([bridge.prefixed_key(key)], [expiry, amount]))
 
         elif isinstance(storage, MemoryCounters):
 
@@ -78,9 +96,6 @@ class Backend:
     strategy: RateLimiter
     errors: tuple[type[BaseException], ...]  # what a lost storage raises
     close: Callable[[], Awaitable[None]]
-    # All of a request's hits in one call, where the storage and strategy allow it: the first
-    # limit the request is over, else None. Otherwise ``strategy.hit`` is called per limit.
-    hit_all: FixedWindowHits | None = None
 
 
 def is_redis(url: str) -> bool:
@@ -90,69 +105,132 @@ def is_redis(url: str) -> bool:
 def open_backend(settings: Settings) -> Backend:
     """The storage named by ``REQ_RATE_LIMIT_BACKEND`` with the configured strategy on it.
 
-    Nothing is connected yet: the Redis connection opens on first use.
+    Nothing is connected yet: Redis connections open on first use.
     """
+    strategy = STRATEGIES[settings.rate_limit_strategy]
     url = settings.req_rate_limit_backend
-    storage: Storage
     if not is_redis(url):
-        storage = MemoryCounters()
+        return Backend(strategy(MemoryCounters()), (), _nothing_to_close)
+    require_redis_py(VARIABLE, url)
+    uri = limits_uri(url)
+    storage = storage_from_string(
+        f"async+{uri}",
+        implementation="redispy",
+        # The strategy is part of the prefix: strategies keep different Redis types under the
+        # same key, and a changed RATE_LIMIT_STRATEGY must not meet WRONGTYPE errors.
+        key_prefix=f"{settings.redis_key_prefix}:limits:{settings.rate_limit_strategy}",
+        **_redis_options(uri, REDIS_TIMEOUT, asynchronous=True),
+    )
+    assert isinstance(storage, RedisStorage)  # or its Sentinel or cluster subclass
+    bridge = cast(RedispyBridge, storage.bridge)
 
-        async def close() -> None:
-            pass
+    async def close() -> None:
+        clients = [_async_client(bridge), _async_client(bridge, True)]
+        if isinstance(storage, RedisSentinelStorage):
+            # Sentinel mode has a client for the replicas and one per sentinel as well.
+            clients += bridge.sentinel.sentinels
+        for client in {id(c): c for c in clients}.values():
+            await client.aclose()
 
-        errors: tuple[type[BaseException], ...] = ()
+    # redis-py raises its RedisError subclasses; OSError covers a timeout or a socket error
+    # that reaches us bare from below it.
+    errors = (*_as_tuple(storage.base_exceptions), OSError)
+    return Backend(strategy(storage), errors, close)
+
+
+async def _nothing_to_close() -> None:
+    pass
+
+
+def _async_client(
+    bridge: RedispyBridge, readonly: bool = False
+) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    # limits types it as a protocol of the few methods it calls itself
+    return cast("redis.asyncio.Redis | redis.asyncio.RedisCluster", bridge.get_connection(readonly))
+
+
+def _as_tuple(
+    exceptions: type[Exception] | tuple[type[Exception], ...],
+) -> tuple[type[Exception], ...]:
+    return exceptions if isinstance(exceptions, tuple) else (exceptions,)
+
+
+def limits_uri(url: str) -> str:
+    """``url`` as ``limits``' storages name it: ``unix://`` is ``redis+unix://`` there."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in LIMITS_SCHEMES:
+        raise ConfigError(
+            VARIABLE,
+            redacted(url),
+            "memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://",
+        )
+    return f"{LIMITS_SCHEMES[scheme]}://{rest}"
+
+
+def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str, Any]:
+    """The options of every Redis client here: short timeouts and no retry. (redis-py retries
+    a failed command 10 times by default; a hit whose reply was lost may have counted already,
+    so a retry could count it twice, and retries would hold the request up.)"""
+    from redis.backoff import NoBackoff
+
+    if asynchronous:
+        from redis.asyncio.retry import Retry
     else:
-        # One pipelined connection per process; a call unanswered in REDIS_TIMEOUT fails (and
-        # is never retried: it may have counted).
-        client = RedisClient(url, timeout=REDIS_TIMEOUT, connect_timeout=REDIS_TIMEOUT)
-        # The strategy is part of the prefix: strategies keep different Redis types under
-        # the same key, and a changed RATE_LIMIT_STRATEGY must not meet WRONGTYPE errors.
-        prefix = f"{settings.redis_key_prefix}:limits:{settings.rate_limit_strategy}"
-        storage = RedisCounters(client, prefix)
-        close = client.close
-        errors = (RedisError,)
-        strategy = settings.rate_limit_strategy
-        if strategy in ("fixed-window", "fixed-window-elastic-expiry"):
-            hits = FixedWindowHits(storage, elastic=strategy == "fixed-window-elastic-expiry")
-            return Backend(STRATEGIES[strategy](storage), errors, close, hits)
-    return Backend(STRATEGIES[settings.rate_limit_strategy](storage), errors, close)
+        from redis.retry import Retry  # type: ignore[assignment]
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if uri.startswith("redis+sentinel://"):  # the same for the sentinels themselves
+        options["sentinel_kwargs"] = dict(options)
+    return options
 
 
-def ping_redis(url: str, timeout: float = 2.0) -> None:
+def require_redis_py(variable: str, url: str) -> None:
+    """Raise ``ConfigError`` naming the extra to install when redis-py is missing."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            variable, redacted(url), 'redis-py installed: pip install "openai-forward[redis]"'
+        ) from None
+
+
+def ping_redis(url: str) -> None:
     """Raise ``ConfigError`` naming ``REQ_RATE_LIMIT_BACKEND`` unless Redis answers PING
-    (after AUTH and SELECT from the URL).
+    (after AUTH and SELECT from the URL), the URL's password masked.
 
-    Runs once in the CLI before any worker starts, so a blocking socket is right here.
+    Runs once in the CLI before any worker starts, so a blocking client is right here. It is
+    ``limits``' synchronous storage for the URL, which builds the redis-py client for each
+    scheme (a plain client, Sentinel's master, a cluster) as the async one does when serving.
     """
-    variable, shown = "REQ_RATE_LIMIT_BACKEND", redacted(url)
+    require_redis_py(VARIABLE, url)
+    from limits.storage import RedisStorage as SyncRedisStorage
+    from redis import RedisError
+
+    uri, password = limits_uri(url), _password(url)
     try:
-        address = parse_redis_url(url)
-    except ValueError:
-        raise ConfigError(variable, shown, "a URL like redis://host:6379/0") from None
-    commands = [*handshake(address), encode(("PING",))]
-    try:
-        if address.path is not None:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(timeout)
-            sock.connect(address.path)
-        else:
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
-            if address.tls:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address.host)
-        with sock:
-            sock.sendall(b"".join(commands))
-            parser, replies = Parser(), list[Reply]()
-            while len(replies) < len(commands):
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                replies += parser.feed(data)
-        for reply in replies:
-            if isinstance(reply, RedisReplyError):
-                raise reply
+        storage = storage_from_string(
+            uri, **_redis_options(uri, STARTUP_TIMEOUT, asynchronous=False)
+        )
+        assert isinstance(storage, SyncRedisStorage)
+        client = cast("redis.Redis | redis.RedisCluster", storage.get_connection())
+        try:
+            client.ping()
+        finally:
+            client.close()
     except (RedisError, OSError) as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()
-        password = address.password
         if password:
             reason = reason.replace(password, "***")
-        raise ConfigError(variable, shown, f"a reachable Redis ({reason})") from None
+        raise ConfigError(VARIABLE, redacted(url), f"a reachable Redis ({reason})") from None
+
+
+def _password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
