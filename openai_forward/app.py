@@ -33,8 +33,10 @@ from openai_forward.paths import match_prefix
 from openai_forward.ratelimit import build_limiter, pacing_intervals
 from openai_forward.settings import ConfigError, Settings
 from openai_forward.types import Receive, Scope, Send
+from openai_forward.websocket import refuse
 
 HEALTHZ = "/healthz"
+FORBIDDEN = "Your address is not allowed to use this service"
 
 
 class ProxyApp(FastAPI):
@@ -68,21 +70,26 @@ class ProxyApp(FastAPI):
         return paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             path: bytes = scope.get("raw_path") or scope["path"].encode()
             if path not in self.local_paths():
                 for prefix, forwarder in self._routes:
                     rest = match_prefix(path, prefix)
                     if rest is not None:
                         if (self._allow or self._deny) and not self._address_allowed(scope):
-                            await send_error(
-                                send, 403, "Your address is not allowed to use this service"
-                            )
+                            await self._forbidden(scope, receive, send)
                             return
                         scope[REST] = rest
                         await forwarder(scope, receive, send)
                         return
         await super().__call__(scope, receive, send)
+
+    @staticmethod
+    async def _forbidden(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await refuse(scope, receive, send, 403, FORBIDDEN)
+        else:
+            await send_error(send, 403, FORBIDDEN)
 
     def _address_allowed(self, scope: Scope) -> bool:
         try:

@@ -36,6 +36,10 @@ class KeyPool:
     def header(self, index: int) -> bytes:
         return self._headers[index]
 
+    def reveal(self, index: int) -> str:
+        """The key itself, for where it travels outside a header (a WebSocket subprotocol)."""
+        return self._headers[index].decode("latin-1").removeprefix("Bearer ")
+
     def bench(self, index: int, seconds: float | None) -> None:
         """Set a key aside for ``seconds`` (``None``: until restart)."""
         self._free_at[index] = float("inf") if seconds is None else self._clock() + seconds

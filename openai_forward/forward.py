@@ -33,6 +33,7 @@ from openai_forward.relay import relay
 from openai_forward.settings import Settings, Target
 from openai_forward.types import Message, Receive, Scope, Send
 from openai_forward.upstream import Response, Upstream, UpstreamBroken
+from openai_forward.websocket import key_from_protocols, refuse, relay_websocket
 
 logger = logging.getLogger("openai_forward")
 
@@ -139,9 +140,16 @@ class Forwarder:
                 await send_error(send, 404, "Unknown route")
                 return
         route = self._route_prefix + rest.decode("latin-1") if rest else self.target.prefix
-        outcome = Outcome(scope["method"], route, self.target.prefix)
+        outcome = Outcome(scope.get("method", "GET"), route, self.target.prefix)
         if self._openai:
             outcome.kind = call_kind(route)
+        if scope["type"] == "websocket":
+            try:
+                await self._websocket(scope, receive, send, rest, outcome)
+            finally:
+                if self._reporters:
+                    report(outcome, self._reporters)
+            return
         watch = HangUpWatch(receive)
         try:
             await self._forward(
@@ -287,6 +295,27 @@ class Forwarder:
                     observer.close(False)
             else:
                 response.release()
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, rest: bytes, outcome: Outcome
+    ) -> None:
+        """An upgrade passes the same checks as a request (one hit of the limit), then its
+        frames are relayed (:mod:`openai_forward.websocket`)."""
+        if not is_safe_rest(rest):
+            await refuse(scope, receive, send, 400, "Invalid request path")
+            return
+        head = read_request_head(scope["headers"], self._openai, websocket=True)
+        creds = self._keys.resolve(head.authorization or key_from_protocols(scope))
+        if self._limiter is not None:
+            user = creds.user or self._client(scope)
+            refusal = await self._limiter.check(user, outcome.route)
+            if refusal is not None:
+                outcome.status = refusal.status
+                await refuse(scope, receive, send, refusal.status, refusal.message)
+                return
+        await relay_websocket(
+            scope, receive, send, self.upstream, rest, head.upstream, creds, outcome
+        )
 
     def _interval(self, route: str) -> float | None:
         interval = self._pacing.get(route)

@@ -39,11 +39,15 @@ class RequestHead:
     forwarded_for: bytes | None = None  # the first X-Forwarded-For
 
 
-def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> RequestHead:
+def read_request_head(
+    raw: Iterable[tuple[bytes, bytes]], openai_type: bool, *, websocket: bool = False
+) -> RequestHead:
     """Split the client's headers into those sent upstream and those the proxy acts on.
 
-    ``authorization`` is left out of ``upstream``: the forwarder decides what to send.
-    Raises ``ValueError`` on a malformed ``Content-Length``.
+    ``authorization`` is left out of ``upstream``: the forwarder decides what to send. For a
+    WebSocket upgrade the ``Sec-WebSocket-*`` headers stay behind too (the proxy's own
+    WebSocket client makes its own handshake). Raises ``ValueError`` on a malformed
+    ``Content-Length``.
     """
     head = RequestHead([])
     keep = head.upstream.append
@@ -65,7 +69,11 @@ def read_request_head(raw: Iterable[tuple[bytes, bytes]], openai_type: bool) -> 
         if openai_type:
             if name in _OPENAI_ALLOWED or name.startswith(b"openai-"):
                 keep((name, value))
-        elif name not in _NOT_UPSTREAM and not name.startswith(b"proxy-"):
+        elif (
+            name not in _NOT_UPSTREAM
+            and not name.startswith(b"proxy-")
+            and not (websocket and name.startswith(b"sec-websocket-"))
+        ):
             keep((name, value))
     return head
 

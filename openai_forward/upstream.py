@@ -132,7 +132,8 @@ class _Tracing:
     @classmethod
     def build(cls) -> _Tracing:
         async def reused(_: object, context: SimpleNamespace, __: object) -> None:
-            context.trace_request_ctx.reused = True
+            if context.trace_request_ctx is not None:  # None: a request that does not ask
+                context.trace_request_ctx.reused = True
 
         config = aiohttp.TraceConfig()
         config.on_connection_reuseconn.append(reused)
@@ -287,6 +288,49 @@ class Upstream:
             attempt += 1
             _count(outcome)
 
+    def pool_key(self) -> str:
+        """A real key from the rotation, for a WebSocket (no retries there)."""
+        return self._pool.reveal(self._pool.acquire())
+
+    async def websocket(
+        self,
+        rest: bytes,
+        query: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        protocols: Sequence[str],
+    ) -> UpstreamSocket:
+        """Open a WebSocket to the upstream's ``ws(s)://`` URL for the path below the prefix.
+
+        Raises :class:`UpstreamError` (502, or the upstream's own status if it refused the
+        upgrade) or :class:`UpstreamTimeout`, logged here."""
+        assert self._session is not None, "Upstream.open() first"
+        url = self.url(rest, query)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        sent = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        try:
+            ws = await self._session.ws_connect(
+                url,
+                headers=sent,
+                protocols=protocols,
+                proxy=self._http_proxy,
+                max_msg_size=0,  # frames pass through whole, whatever their size
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            error = self._websocket_failure(exc)
+            logger.warning("%s", error)
+            raise error from exc
+        return UpstreamSocket(ws)
+
+    def _websocket_failure(self, exc: Exception) -> Exception:
+        if isinstance(exc, aiohttp.WSServerHandshakeError):
+            status = exc.status if 400 <= exc.status < 600 else 502
+            what = f"refused the WebSocket upgrade ({exc.status})"
+            return ProxyError(f"Upstream {self.base_url} {what}", status)
+        if isinstance(exc, aiohttp.ClientError):
+            failure = self._sort(exc, reused=False)
+            return failure.error if isinstance(failure, _CannotConnect) else failure
+        return UpstreamTimeout(f"Upstream {self.base_url} timed out opening a WebSocket")
+
     def _may_retry(self, attempt: int, body: bytes | StreamedBody) -> bool:
         return attempt < self._max_retries and _replayable(body)
 
@@ -364,6 +408,54 @@ class Upstream:
 
     def _failed(self, what: str, exc: BaseException) -> UpstreamError:
         return UpstreamError(f"Upstream {self.base_url} {what}: {_describe(exc)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One message from an upstream WebSocket: text, binary data, or its end (neither)."""
+
+    text: str | None = None
+    data: bytes | None = None
+    close_code: int | None = None
+    reason: str = ""
+
+
+class UpstreamSocket:
+    """An open WebSocket to the upstream. Sending on a broken one raises ``ConnectionError``."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self.protocol = ws.protocol
+
+    async def send_text(self, text: str) -> None:
+        try:
+            await self._ws.send_str(text)
+        except aiohttp.ClientError as exc:
+            raise ConnectionError(_describe(exc)) from exc
+
+    async def send_bytes(self, data: bytes) -> None:
+        try:
+            await self._ws.send_bytes(data)
+        except aiohttp.ClientError as exc:
+            raise ConnectionError(_describe(exc)) from exc
+
+    async def receive(self) -> Frame:
+        """The next text or binary message; a frame with neither once the socket is closed."""
+        while True:
+            message = await self._ws.receive()
+            if message.type is aiohttp.WSMsgType.TEXT:
+                return Frame(text=message.data)
+            if message.type is aiohttp.WSMsgType.BINARY:
+                return Frame(data=message.data)
+            if message.type is aiohttp.WSMsgType.CLOSE:
+                return Frame(close_code=message.data, reason=message.extra or "")
+            if message.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
+                continue  # answered by aiohttp itself
+            return Frame(close_code=self._ws.close_code)  # CLOSING, CLOSED or ERROR
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        if not self._ws.closed:
+            await self._ws.close(code=code, message=(reason or "").encode())
 
 
 class _Stale(Exception):
