@@ -16,7 +16,7 @@ import orjson
 
 DONE = b"[DONE]"  # the data of OpenAI's last event
 # An event ends at a blank line, whichever line ending the server uses.
-_TERMINATOR = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_TERMINATOR = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
 
 
 class EventSplitter:
@@ -26,13 +26,16 @@ class EventSplitter:
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events completed by ``chunk``, each with its terminating blank line."""
         buffer = self._buffer + chunk
-        events = []
-        start = 0
-        for match in _TERMINATOR.finditer(buffer):
-            end = match.end()
-            events.append(buffer[start:end])
-            start = end
-        self._buffer = buffer[start:]
+        if b"\r" in buffer:
+            # events and their terminators alternate, then comes the unterminated rest
+            parts = _TERMINATOR.split(buffer)
+            events = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+        else:
+            # Lines end in "\n" alone, as most servers send them: bytes.split finds the blank
+            # lines without the regex that the other line endings need, several times faster.
+            parts = buffer.split(b"\n\n")
+            events = [part + b"\n\n" for part in parts[:-1]]
+        self._buffer = parts[-1]
         return events
 
     def flush(self) -> bytes:
