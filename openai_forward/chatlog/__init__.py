@@ -36,9 +36,8 @@ class ChatLog:
         self.root = root
         self._tz = tz
         self._writer = LogWriter(root, secrets=secrets)
-        self._paths: dict[tuple[str, CallKind], str] = {}
-        # A random prefix per process and a counter: unique across workers and restarts, and
-        # no random number per call (``os.urandom`` is a system call, slow on some VMs).
+        # A random prefix per process and a counter: unique across workers and restarts,
+        # without a system call (``os.urandom``) per call.
         self._uid_prefix = os.urandom(8).hex()
         self._counter = itertools.count()
         self._second = -1
@@ -56,10 +55,7 @@ class ChatLog:
         are made in the writer thread (the parsed body is never changed once parsed)."""
         uid = call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
         kind = call.kind
-        key = (call.target.prefix, kind)
-        path = self._paths.get(key)
-        if path is None:
-            path = self._paths[key] = f"{call.target.log_name}/{kind}/{kind}.log"
+        path = f"{call.target.log_name}/{kind}/{kind}.log"
         asked = Asked(kind, call.payload, call.client, uid, call.user, time.time())
         observer = AnswerObserver(self, path, asked)
         self._writer.submit(path, observer.request_record)

@@ -80,10 +80,6 @@ class _LogFile:
 
     def write(self, lines: list[bytes]) -> None:
         """Append whole lines, in as few writes as the size limit allows."""
-        total = sum(map(len, lines))
-        if total <= WRITE_BATCH and self._size() + total <= self._max_bytes:
-            self._write_all(b"".join(lines))  # the usual batch: one write
-            return
         start = 0
         while start < len(lines):
             size = self._size()
