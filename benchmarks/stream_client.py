@@ -180,6 +180,7 @@ async def run_load(
     events: int | None,
     make_body: Callable[[int], bytes],
     stream_timeout: float = 30.0,
+    bearer: str = "sk-bench",
 ) -> Result:
     """Run streams on ``concurrency`` connections until ``duration`` s or ``max_streams``."""
     parts = urlsplit(url)
@@ -188,7 +189,7 @@ async def run_load(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     head = (
         f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        "Accept: text/event-stream\r\nAuthorization: Bearer sk-bench\r\n"
+        f"Accept: text/event-stream\r\nAuthorization: Bearer {bearer}\r\n"
     ).encode()
     loop = asyncio.get_running_loop()
     result = Result()
@@ -259,6 +260,7 @@ def main() -> int:
     )
     parser.add_argument("--tag", default="", help="text mixed into varying bodies")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-stream timeout (s)")
+    parser.add_argument("--bearer", default="sk-bench", help="the Authorization bearer token")
     args = parser.parse_args()
 
     if args.body == "vary":
@@ -284,6 +286,7 @@ def main() -> int:
             events=None if args.any_event_count else args.events,
             make_body=make_body,
             stream_timeout=args.timeout,
+            bearer=args.bearer,
         )
         return summarize(result, time.perf_counter() - started)
 
