@@ -10,12 +10,14 @@ counted; nor is time, so it says nothing about latency).
 
 Caveat: under valgrind the proxy runs ~50x slower, so work that happens per period rather than per
 request (the chat log writer wakes every 20 ms and writes what gathered) is spread over ~50x fewer
-requests than in real use; the ``log-chat`` and ``together`` rows overstate that part.
+requests than in real use; the ``log-chat`` and ``features-on`` rows overstate that part.
 
     python benchmarks/count_instructions.py                       # bare and every feature
     python benchmarks/count_instructions.py --features bare,cache-miss -n 500
-    python benchmarks/count_instructions.py --features together --keep /tmp/cg   # then:
-    callgrind_annotate /tmp/cg/together.*   # where the instructions go, by function
+    python benchmarks/count_instructions.py --features features-on --keep /tmp/cg   # then:
+    callgrind_annotate /tmp/cg/features-on.*   # where the instructions go, by function
+
+Redis keys go under a key prefix of the run's own and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -53,16 +56,25 @@ def send_requests(port: int, count: int, body: str, tag: str) -> None:
 
 
 def count(
-    feature: run.Feature, upstream: str, requests: int, redis_url: str, keep: Path | None = None
+    feature: run.Feature,
+    upstream: str,
+    requests: int,
+    redis: tuple[str, str],
+    keep: Path | None = None,
 ) -> int:
-    """Instructions per request of our proxy with ``feature`` switched on."""
+    """Instructions per request of our proxy with ``feature`` switched on; ``redis`` is the
+    (URL, key prefix) that fill the table's placeholders."""
     out_dir = Path(tempfile.mkdtemp(prefix="callgrind-"))
     aifd = str(Path(sys.executable).parent / "aifd")
     command = [
         *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/out.%p"),
         *(aifd, "run", "--port", "{port}", "--host", "{host}", "--workers", "1"),
     ]
-    env = {key: value.replace("{redis_url}", redis_url) for key, value in feature.ours_env.items()}
+    redis_url, redis_prefix = redis
+    env = {
+        key: value.replace("{redis_url}", redis_url).replace("{redis_prefix}", redis_prefix)
+        for key, value in feature.ours_env.items()
+    }
     plan = Plan(1, 1, 1, 0, 1, False, sys.executable)
     server = run.start_server(
         feature.name, command, {**ours_base_env(upstream), **env}, 0, plan, ready_within=180
@@ -100,6 +112,8 @@ def main() -> int:
     if "bare" not in names:
         names.insert(0, "bare")
     redis_url = f"redis://{run.REDIS_ADDRESS[0]}:{run.REDIS_ADDRESS[1]}/{args.redis_db}"
+    redis_prefix = f"bench-{secrets.token_hex(4)}"
+    used_redis = False
     plan = Plan(1, 1, 1, 0, 1, False, sys.executable)
     mock_cmd = [sys.executable, str(run.HERE / "mock_upstream.py"), "--port", "{port}"]
     mock = run.start_server("mock", [*mock_cmd, "--host", HOST], {}, 1, plan)
@@ -112,13 +126,17 @@ def main() -> int:
                 print(f"-- {name}: no Redis: skipped")
                 continue
             upstream = f"http://{HOST}:{mock.port}"
-            per_request = count(feature, upstream, args.requests, redis_url, args.keep)
+            used_redis = used_redis or feature.needs_redis
+            redis = (redis_url, redis_prefix)
+            per_request = count(feature, upstream, args.requests, redis, args.keep)
             base = base or per_request
             added = f"{per_request - base:+,}" if name != "bare" else "-"
             rows.append([name, f"{per_request:,}", added, f"{per_request / base:.2f}"])
             print(f"   {name:<18} {per_request:>12,} instructions/request", flush=True)
     finally:
         mock.stop()
+        if used_redis:
+            run.clean_redis(args.redis_db, (f"{redis_prefix}:*",))
     print()
     print(run.markdown_table(rows))
     return 0

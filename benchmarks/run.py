@@ -2,15 +2,20 @@
 
 Configurations, run interleaved and repeated (medians reported):
 
-- ``direct``: the load generator talks to the mock upstream itself (the floor);
+- ``direct``: the load generator talks to the mock upstream itself;
+- ``floor``:  the least forwarder on our stack (``floor_forwarder.py``: raw ASGI on uvicorn, one
+  pooled aiohttp session);
 - ``ours``:   this project's proxy (``aifd run``) in front of the mock;
 - ``orig``:   the original openai-forward 0.8.1, from a separate venv, in front of the mock.
+
+After the tables, the performance targets are checked against what was measured.
 
 Each proxy runs alone on core 0; the mock, wrk, the stream client and this script share core 1.
 Every load phase is bounded in time and count, and talks to 127.0.0.1 only.
 
-    python benchmarks/run.py                  # full run, about 4 minutes
+    python benchmarks/run.py                  # full run, about 5 minutes
     python benchmarks/run.py --smoke          # seconds; exits non-zero when a phase fails
+    python benchmarks/run.py --features bare,features-on,cache-hit --targets ours,orig
     python benchmarks/run.py --features all   # our proxy (and the original) per feature
 """
 
@@ -62,8 +67,9 @@ HUGE_LIMIT = "100000000/minute"
 #
 # ours_env / orig_env are environment variables for our proxy / the original 0.8.1; orig_env
 # None means the original is not measured for that feature. "{redis_url}" is replaced by
-# redis://127.0.0.1:6379/<--redis-db>. body: "fixed" (one body), "vary" (a different message per
-# request, "caching": true), "cached" (one body with "caching": true).
+# redis://127.0.0.1:6379/<--redis-db>, "{redis_prefix}" by the run's own key prefix (its keys are
+# deleted at the end). body: "fixed" (one body), "vary" (a different message per request,
+# "caching": true: every request is a cache miss), "cached" (one body with "caching": true).
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Feature:
@@ -84,8 +90,13 @@ ORIG_LIMITS = {
     "REQ_RATE_LIMIT": json.dumps({CHAT_PATH: [{"level": 0, "limit": HUGE_LIMIT}]}),
     "GLOBAL_RATE_LIMIT": HUGE_LIMIT,
 }
-REDIS_BACKEND = {"REQ_RATE_LIMIT_BACKEND": "{redis_url}"}
+# The original has no key prefix: its keys carry the run's bearer token instead (its limiter
+# keys on the Authorization header), which is how they are found and deleted.
+OURS_REDIS = {"REQ_RATE_LIMIT_BACKEND": "{redis_url}", "REDIS_KEY_PREFIX": "{redis_prefix}"}
+ORIG_REDIS = {"REQ_RATE_LIMIT_BACKEND": "{redis_url}"}
 CACHE_ON = {"CACHE_CHAT_COMPLETION": "true", "CACHE_BACKEND": "MEMORY"}
+# The original only parses (and so caches) chat bodies when it also logs them.
+ORIG_CACHE_ON = {"CACHE_OPENAI": "true", "CACHE_BACKEND": "MEMORY", "LOG_OPENAI": "true"}
 
 FEATURES: tuple[Feature, ...] = (
     Feature("bare", {}, {}),
@@ -96,16 +107,15 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "ratelimit-redis",
-        {**OURS_LIMITS, **REDIS_BACKEND},
-        {**ORIG_LIMITS, **REDIS_BACKEND},
+        {**OURS_LIMITS, **OURS_REDIS},
+        {**ORIG_LIMITS, **ORIG_REDIS},
         needs_redis=True,
         note="orig needs the redis package in its venv",
     ),
     Feature(
         "cache-miss",
         CACHE_ON,
-        # The original only parses (and so caches) chat bodies when it also logs them.
-        {"CACHE_OPENAI": "true", "CACHE_BACKEND": "MEMORY", "LOG_OPENAI": "true"},
+        ORIG_CACHE_ON,
         body="vary",
         note="orig caches only with LOG_OPENAI=true",
     ),
@@ -118,13 +128,15 @@ FEATURES: tuple[Feature, ...] = (
         note="orig not measured: it blocks 1-2 s per hit",
     ),
     Feature("log-chat", {"LOG_CHAT": "true"}, {"LOG_OPENAI": "true"}),
+    # The features-on pair: chat log, chat cache (every request a miss) and Redis request
+    # limits at once, in ours and in the original.
     Feature(
-        "together",
-        {**OURS_LIMITS, **REDIS_BACKEND, **CACHE_ON, "LOG_CHAT": "true"},
-        None,
+        "features-on",
+        {**OURS_LIMITS, **OURS_REDIS, **CACHE_ON, "LOG_CHAT": "true"},
+        {**ORIG_LIMITS, **ORIG_REDIS, **ORIG_CACHE_ON},
         body="vary",
         needs_redis=True,
-        note="Redis limits + cache miss + LOG_CHAT at once",
+        note="Redis limits + chat cache misses + chat log at once",
     ),
 )
 FEATURES_BY_NAME = {feature.name: feature for feature in FEATURES}
@@ -164,6 +176,7 @@ class Plan:
     streams_concurrency: int
     pin: bool
     python: str  # interpreter that runs the mock and the stream client
+    bearer: str = "sk-bench"  # the clients' Authorization token; the run's own in run.py
 
 
 @dataclass(frozen=True)
@@ -218,15 +231,15 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
-def tree_peak_rss_mb(root: int) -> float:
-    """VmHWM summed over the tree, in MiB."""
-    total_kb = 0
+def tree_peak_rss_mb(root: int) -> tuple[float, float]:
+    """VmHWM summed over the tree, and the largest of one process (one worker), in MiB."""
+    peaks_kb = [0]
     for pid in process_tree(root):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    total_kb += int(line.split()[1])
-    return total_kb / 1024
+                    peaks_kb.append(int(line.split()[1]))
+    return sum(peaks_kb) / 1024, max(peaks_kb) / 1024
 
 
 def core_busy_seconds(core: int) -> float:
@@ -344,11 +357,16 @@ def start_server(
 # Requests and load
 # --------------------------------------------------------------------------------------------
 def http_request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 10,
+    bearer: str = "sk-bench",
 ) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {bearer}"}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
@@ -362,17 +380,18 @@ def nonstream_body(kind: str, tag: str) -> bytes:
     return chat_body(text, stream=False, caching=caching)
 
 
-def sanity_check(port: int, feature: Feature, tag: str) -> None:
+def sanity_check(port: int, feature: Feature, tag: str, bearer: str) -> None:
     """One request of each kind, checked for content; and a paced stream must not be buffered."""
-    status, body = http_request(port, "POST", CHAT_PATH, nonstream_body(feature.body, tag))
+    body = nonstream_body(feature.body, tag)
+    status, body = http_request(port, "POST", CHAT_PATH, body, bearer=bearer)
     if status != 200 or b'"usage"' not in body:
         raise PhaseFailed(f"chat completion: status {status}, body {body[:200]!r}")
-    status, body = http_request(port, "POST", EMBEDDINGS_PATH, b'{"input": "hi", "model": "m"}')
+    embed = b'{"input": "hi", "model": "m"}'
+    status, body = http_request(port, "POST", EMBEDDINGS_PATH, embed, bearer=bearer)
     if status != 200 or b'"embedding"' not in body:
         raise PhaseFailed(f"embeddings: status {status}, body {body[:200]!r}")
-    status, body = http_request(
-        port, "POST", f"{CHAT_PATH}?events=3", chat_body("Say hi.", stream=True)
-    )
+    stream = chat_body("Say hi.", stream=True)
+    status, body = http_request(port, "POST", f"{CHAT_PATH}?events=3", stream, bearer=bearer)
     if status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
         raise PhaseFailed(f"stream: status {status}, body ...{body[-200:]!r}")
 
@@ -384,7 +403,7 @@ def sanity_check(port: int, feature: Feature, tag: str) -> None:
             "POST",
             f"{CHAT_PATH}?events=5&delay_ms=100",
             body=chat_body(f"pacing {tag}", stream=True),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {bearer}"},
         )
         response = conn.getresponse()
         first = response.read1(65536)
@@ -403,7 +422,7 @@ def sanity_check(port: int, feature: Feature, tag: str) -> None:
 
 WRK_SCRIPT = """
 local counter = 0
-local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer sk-bench"}}
+local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {bearer}"}}
 local fixed
 
 init = function(args)
@@ -429,7 +448,7 @@ end
 """
 
 
-def wrk_script(kind: str, tag: str, directory: Path) -> Path:
+def wrk_script(kind: str, tag: str, directory: Path, bearer: str) -> Path:
     """A wrk Lua script that POSTs chat bodies; with kind "vary" each body is different."""
     marker = "@@N@@"
     template = chat_body(f"bench {tag} {marker}", stream=False, caching=True).decode()
@@ -440,6 +459,7 @@ def wrk_script(kind: str, tag: str, directory: Path) -> Path:
         vary="true" if kind == "vary" else "false",
         prefix=prefix,
         suffix=suffix,
+        bearer=bearer,
     )
     path = directory / f"wrk-{kind}-{tag}.lua"
     path.write_text(script)
@@ -497,6 +517,8 @@ def run_streams(
         kind,
         "--tag",
         tag,
+        "--bearer",
+        plan.bearer,
     ]
     if kind == "cached":  # a hit may be re-chunked by the cache: only [DONE] is checked
         argv.append("--any-event-count")
@@ -562,7 +584,7 @@ def measure(target: Target, mock_port: int, plan: Plan, scratch: Path) -> dict[s
 
     # Every phase gets its own tag, so that "vary" bodies never repeat within a run.
     def wrk_phase(phase: str, connections: int, seconds: float) -> dict[str, float]:
-        script = wrk_script(kind, f"{run_tag}-{phase}", scratch)
+        script = wrk_script(kind, f"{run_tag}-{phase}", scratch, plan.bearer)
         return run_wrk(port, connections, seconds, script, plan)
 
     def stream_phase(phase: str, delay_ms: int, seconds: float) -> dict[str, float]:
@@ -570,7 +592,7 @@ def measure(target: Target, mock_port: int, plan: Plan, scratch: Path) -> dict[s
         return run_streams(port, seconds=seconds, delay_ms=delay_ms, kind=kind, tag=tag, plan=plan)
 
     try:
-        sanity_check(port, target.feature, run_tag)
+        sanity_check(port, target.feature, run_tag, plan.bearer)
         if plan.warmup > 0:
             wrk_phase("warm", 16, plan.warmup)
             stream_phase("warm", 0, plan.warmup)
@@ -600,7 +622,7 @@ def measure(target: Target, mock_port: int, plan: Plan, scratch: Path) -> dict[s
             metrics["cpu_us_event"] = usage.proxy_s * 1e6 / paced["events"]
         metrics["core0_other_pct"] = max(other)
         if root is not None:
-            metrics["rss_mb"] = tree_peak_rss_mb(root)
+            metrics["rss_mb"], metrics["worker_rss_mb"] = tree_peak_rss_mb(root)
         if server is not None and server.process.poll() is not None:
             raise PhaseFailed(f"{target.label} exited during the run")
         return metrics
@@ -670,15 +692,39 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+SPREAD_METRICS = ("cpu_us_req_c64", "cpu_us_stream")
+
+
+def spread_pct(runs: list[dict[str, float]], metric: str) -> str:
+    """(max - min) / median over the repetitions, in %: how far apart the repetitions were."""
+    values = [run[metric] for run in runs if metric in run]
+    if len(values) < 2 or statistics.median(values) <= 0:
+        return "-"
+    return f"{(max(values) - min(values)) * 100 / statistics.median(values):.0f}"
+
+
 def render_table(results: dict[str, list[dict[str, float]]], failed: set[str]) -> str:
-    rows = [["config", *(title for _, title, _ in COLUMNS)]]
+    rows = [["config", *(title for _, title, _ in COLUMNS), "CPU spread % c64/stream"]]
     for label, runs in results.items():
         values = medians(runs) if runs else {}
         cells = [label + (" (FAILED)" if label in failed else "")]
         for metric, _, fmt in COLUMNS:
             cells.append(fmt.format(values[metric]) if metric in values else "-")
+        cells.append("/".join(spread_pct(runs, metric) for metric in SPREAD_METRICS))
         rows.append(cells)
     return markdown_table(rows)
+
+
+def paired(
+    runs: list[dict[str, float]], base: list[dict[str, float]], metric: str
+) -> list[tuple[float, float]]:
+    """(run, base) values of ``metric`` from the same repetitions (a failed target stops being
+    measured, so its list is a prefix of the repetitions)."""
+    return [
+        (run[metric], other[metric])
+        for run, other in zip(runs, base, strict=False)
+        if metric in run and metric in other and other[metric] > 0
+    ]
 
 
 DELTA_METRICS = (("cpu_us_req_c64", "µs/req c64"), ("cpu_us_stream", "µs/stream"))
@@ -697,11 +743,7 @@ def render_feature_costs(results: dict[str, list[dict[str, float]]]) -> str | No
             continue
         cells = [label]
         for metric, _ in DELTA_METRICS:
-            pairs = [
-                (run[metric], base[metric])
-                for run, base in zip(runs, bare, strict=False)
-                if metric in run and metric in base and base[metric] > 0
-            ]
+            pairs = paired(runs, bare, metric)
             if not pairs:
                 cells += ["-", "-"]
                 continue
@@ -715,6 +757,118 @@ def render_feature_costs(results: dict[str, list[dict[str, float]]]) -> str | No
     return markdown_table(rows) if len(rows) > 1 else None
 
 
+@dataclass(frozen=True)
+class Check:
+    """One performance target: ``numerator / denominator`` of ``metric`` against ``limit``.
+
+    The ratio is the median over repetitions of the ratio within each repetition (the targets
+    are interleaved, so pairing cancels part of the machine's drift)."""
+
+    target: str
+    numerator: str  # a config label; "ours" also finds "ours:bare"
+    denominator: str
+    metric: str
+    unit: str
+    limit: float
+    at_least: bool  # met when ratio >= limit (else: ratio <= limit, or < when strict)
+    strict: bool = False
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("orig / ours bare, CPU per request c64", "orig", "ours", "cpu_us_req_c64", "µs", 5, True),
+    Check("orig / ours bare, CPU per stream", "orig", "ours", "cpu_us_stream", "µs", 5, True),
+    Check(
+        "orig / ours features-on, CPU per request c64",
+        "orig:features-on",
+        "ours:features-on",
+        "cpu_us_req_c64",
+        "µs",
+        5,
+        True,
+    ),
+    Check(
+        "orig / ours features-on, CPU per stream",
+        "orig:features-on",
+        "ours:features-on",
+        "cpu_us_stream",
+        "µs",
+        5,
+        True,
+    ),
+    Check(
+        "ours bare / floor, CPU per request c64",
+        "ours",
+        "floor",
+        "cpu_us_req_c64",
+        "µs",
+        1.3,
+        False,
+    ),
+    Check("ours bare / floor, CPU per stream", "ours", "floor", "cpu_us_stream", "µs", 1.3, False),
+    Check(
+        "ours / orig bare, peak RSS of one worker",
+        "ours",
+        "orig",
+        "worker_rss_mb",
+        "MiB",
+        0.8,
+        False,
+    ),
+    Check(
+        "ours cache-hit / bare, CPU per request c64",
+        "ours:cache-hit",
+        "ours",
+        "cpu_us_req_c64",
+        "µs",
+        1,
+        False,
+        strict=True,
+    ),
+    Check(
+        "ours cache-hit / bare, CPU per stream",
+        "ours:cache-hit",
+        "ours",
+        "cpu_us_stream",
+        "µs",
+        1,
+        False,
+        strict=True,
+    ),
+)
+
+
+def render_checks(results: dict[str, list[dict[str, float]]]) -> str:
+    """The performance targets as a table: target, what was measured, met or not."""
+
+    def runs_of(label: str) -> list[dict[str, float]]:
+        return results.get(label) or results.get(f"{label}:bare") or []
+
+    rows = [["target", "needed", "measured (median)", "min-max over reps", "met"]]
+    for check in CHECKS:
+        sign = ">=" if check.at_least else ("<" if check.strict else "<=")
+        cells = [check.target, f"{sign} {check.limit:g}x"]
+        pairs = paired(runs_of(check.numerator), runs_of(check.denominator), check.metric)
+        if not pairs:
+            rows.append(
+                [*cells, f"not measured: needs {check.numerator} and {check.denominator}", "-", "-"]
+            )
+            continue
+        ratios = [a / b for a, b in pairs]
+        ratio = statistics.median(ratios)
+        top = statistics.median(a for a, _ in pairs)
+        bottom = statistics.median(b for _, b in pairs)
+        digits = 1 if check.unit == "MiB" else 0
+        cells.append(f"{top:.{digits}f} / {bottom:.{digits}f} {check.unit} = {ratio:.2f}x")
+        cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-")
+        if check.at_least:
+            met = ratio >= check.limit
+        else:
+            met = ratio < check.limit if check.strict else ratio <= check.limit
+        cells.append("met" if met else "NOT met")
+        rows.append(cells)
+    return markdown_table(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -724,7 +878,31 @@ def redis_reachable() -> bool:
     return False
 
 
-def build_targets(args: argparse.Namespace, upstream: str) -> tuple[list[Target], bool]:
+def clean_redis(db: int, patterns: Sequence[str]) -> None:
+    """Delete the keys this run left in Redis (those matching ``patterns``)."""
+    try:
+        import redis  # in our venv with the test extra
+    except ImportError:
+        print(f"-- redis-py missing: delete the keys {', '.join(patterns)} of db {db} by hand")
+        return
+    host, port = REDIS_ADDRESS
+    client = redis.Redis(host=host, port=port, db=db, socket_timeout=5)
+    try:
+        deleted = 0
+        for pattern in patterns:
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), 500):
+                deleted += int(client.delete(*keys[start : start + 500]))
+        print(f"-- Redis db {db}: deleted the run's {deleted} key(s) ({', '.join(patterns)})")
+    except redis.RedisError as exc:
+        print(f"-- Redis db {db}: could not delete the run's keys {', '.join(patterns)}: {exc}")
+    finally:
+        client.close()
+
+
+def build_targets(
+    args: argparse.Namespace, upstream: str, redis_prefix: str
+) -> tuple[list[Target], bool]:
     """Targets to measure, and whether something required is missing."""
     wanted = set(args.targets.split(","))
     missing_required = False
@@ -776,20 +954,22 @@ def build_targets(args: argparse.Namespace, upstream: str) -> tuple[list[Target]
             f"python -m venv {args.orig_venv} && "
             f"{args.orig_venv}/bin/pip install openai-forward==0.8.1 pyyaml redis"
         )
-    # floor: the least forwarder on this stack with aiohttp; floor-raw: the same with our own
-    # upstream client (openai_forward.h1) instead.
-    for kind, script in (("floor", "floor_forwarder.py"), ("floor-raw", "floor_raw_forwarder.py")):
-        if kind in wanted:
-            command = (sys.executable, str(HERE / script), "--port", "{port}", "--host", "{host}")
-            bare = FEATURES_BY_NAME["bare"]
-            targets.append(Target(kind, "floor", bare, command, ours_base_env(upstream)))
+    # floor: the least forwarder on this stack (raw ASGI on uvicorn, one aiohttp session).
+    if "floor" in wanted:
+        script = str(HERE / "floor_forwarder.py")
+        command = (sys.executable, script, "--port", "{port}", "--host", "{host}")
+        bare = FEATURES_BY_NAME["bare"]
+        targets.append(Target("floor", "floor", bare, command, ours_base_env(upstream)))
     for feature in features:
         if feature.needs_redis and not redis_reachable():
             print(f"-- feature {feature.name}: no Redis on {REDIS_ADDRESS}: skipped")
             continue
 
         def fill(env: dict[str, str]) -> dict[str, str]:
-            return {key: value.replace("{redis_url}", redis_url) for key, value in env.items()}
+            return {
+                key: value.replace("{redis_url}", redis_url).replace("{redis_prefix}", redis_prefix)
+                for key, value in env.items()
+            }
 
         name = f":{feature.name}" if suffix else ""
         if "ours" in wanted and have_ours:
@@ -818,8 +998,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="direct,floor,ours,orig",
-        help="comma list of direct, floor (a minimal forwarder on the same stack), floor-raw (the "
-        "floor with our own client instead of aiohttp), ours, orig",
+        help="comma list of direct, floor (the least forwarder on our stack: raw ASGI on uvicorn "
+        "with one aiohttp session), ours, orig",
     )
     parser.add_argument(
         "--features",
@@ -830,7 +1010,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--orig-venv", default="/work/venv-orig", help="venv of the original")
     parser.add_argument("--orig-cmd", help="command that starts the original ({port}, {host})")
-    parser.add_argument("--redis-db", type=int, default=12, help="Redis db for ratelimit-redis")
+    parser.add_argument(
+        "--redis-db", type=int, default=12, help="Redis db of the features with Redis (12)"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json", type=Path, help="write every repetition's metrics here")
     return parser.parse_args(argv)
@@ -838,6 +1020,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # The run's own identity: our Redis keys go under its prefix, and the original's limiter
+    # keys carry its bearer token; both are deleted at the end.
+    run_id = secrets.token_hex(4)
+    redis_prefix = f"bench-{run_id}"
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get update && apt-get install -y wrk")
         return 2
@@ -852,6 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         streams_concurrency=min(args.streams, 16) if args.smoke else args.streams,
         pin=pin,
         python=sys.executable,
+        bearer=f"sk-bench-{run_id}",
     )
     if pin:
         os.sched_setaffinity(0, {LOAD_CORE})
@@ -865,8 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PhaseFailed as exc:
         print(f"!! mock upstream: {exc}")
         return 1
+    targets: list[Target] = []
     try:
-        targets, missing = build_targets(args, f"http://{HOST}:{mock.port}")
+        targets, missing = build_targets(args, f"http://{HOST}:{mock.port}", redis_prefix)
         if missing:
             failures.append("our proxy is missing")
         estimate = len(targets) * plan.reps * (4 * plan.duration + plan.warmup * 2 + 6)
@@ -898,6 +1086,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         mock.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+        if any(target.feature.needs_redis for target in targets):
+            clean_redis(args.redis_db, (f"{redis_prefix}:*", f"*{plan.bearer}*"))
 
     add_added_latency(results)
     print()
@@ -906,6 +1096,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if costs:
         print("\nadded CPU per feature (median over repetitions of feature minus bare):")
         print(costs)
+    print("\ntargets (ratios: median over repetitions of the ratio within each repetition):")
+    print(render_checks(results))
     print(
         f"\nmedians of {plan.reps} repetition(s); proxy on core {PROXY_CORE}, mock + load on "
         f"core {LOAD_CORE}" + ("" if pin else " (NOT pinned)")
