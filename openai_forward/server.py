@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from openai_forward.protocol import ClientBounds, bounded_protocol
 from openai_forward.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -39,19 +40,19 @@ def check_startup(settings: Settings) -> None:
             ) from None
 
 
-def uvicorn_options(settings: Settings | None = None) -> dict[str, Any]:
-    """The uvicorn options the product runs with (tests use the same)."""
-    shutdown = settings.shutdown_timeout if settings is not None else 5
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options the product runs with, for a server in this process (tests use the
+    same); :func:`serve` names the protocol by import path instead, for its workers."""
     return {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": bounded_protocol(ClientBounds.from_settings(settings)),
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
         # X-Forwarded-For is read by ClientAddress, only when the client address is needed.
         "proxy_headers": False,
         # On SIGTERM: stop accepting, let requests and streams in flight finish this long.
-        "timeout_graceful_shutdown": shutdown,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
     }
 
 
@@ -102,5 +103,9 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
         workers=workers,
         log_level="info",
         log_config=log_config(),
-        **uvicorn_options(settings),
+        **{
+            **uvicorn_options(settings),
+            # each worker reads its bounds from the environment, as it reads its settings
+            "http": "openai_forward.protocol:BoundedProtocol",
+        },
     )

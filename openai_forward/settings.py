@@ -119,6 +119,9 @@ class Settings:
     tz: str | None = None
     api_docs: bool = False  # serve /docs and /openapi.json (the proxy's own routes only)
     shutdown_timeout: float = 30.0  # seconds requests in flight may take to finish on SIGTERM
+    client_head_timeout: float = 10.0  # seconds a client has to send a whole request head
+    client_body_timeout: float = 60.0  # seconds a request body may stall
+    max_client_connections: int | None = None  # None: what fits below the descriptor limit
 
     @property
     def open_mode(self) -> bool:
@@ -391,7 +394,10 @@ def _parse(reader: _Reader) -> Settings:
     read_timeout = reader.number("READ_TIMEOUT", 600.0)
     cache_ttl = reader.number("CACHE_TTL", None)
     shutdown_timeout = reader.number("SHUTDOWN_TIMEOUT", 30.0)
+    client_head_timeout = reader.number("CLIENT_HEAD_TIMEOUT", 10.0)
+    client_body_timeout = reader.number("CLIENT_BODY_TIMEOUT", 60.0)
     assert timeout is not None and read_timeout is not None and shutdown_timeout is not None
+    assert client_head_timeout is not None and client_body_timeout is not None
 
     return Settings(
         targets=tuple(targets),
@@ -425,4 +431,7 @@ def _parse(reader: _Reader) -> Settings:
         tz=tz,
         api_docs=reader.flag("API_DOCS", False),
         shutdown_timeout=shutdown_timeout,
+        client_head_timeout=client_head_timeout,
+        client_body_timeout=client_body_timeout,
+        max_client_connections=reader.integer("MAX_CLIENT_CONNECTIONS", 0, minimum=0) or None,
     )

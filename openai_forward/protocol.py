@@ -1,0 +1,225 @@
+"""The server's HTTP protocol: uvicorn's httptools protocol, bounded against slow and idle clients.
+
+uvicorn closes idle keep-alive connections, but a client may open a connection and send nothing,
+drip its request head a byte at a time, stall in the middle of its body, or send an endless head;
+and every open connection holds a file descriptor. Here:
+
+- a request head must be complete within ``head_timeout`` seconds of the connection opening (or
+  of the request's first byte on a kept-alive connection), else the client gets 408 and is closed;
+- a request body that stops arriving for ``body_timeout`` seconds, while the proxy is ready to
+  read it, is cut (the request sees the client as gone);
+- a head over ``max_head_bytes`` or ``max_headers`` header lines gets 431 and is closed;
+- beyond ``max_connections`` open connections, a new one is answered 503 and closed at once, with
+  a warning in the log, instead of running the process out of descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from openai_forward.settings import Settings
+
+logger = logging.getLogger("openai_forward")
+
+WARN_EVERY = 60.0  # seconds between two warnings about refused connections
+# Descriptors kept for what is not a client connection: upstream connections (two sessions per
+# target), log and cache files, the listening socket, Redis.
+_RESERVED_FDS = 64
+
+
+def descriptor_limit() -> int:
+    """This process's soft limit on open file descriptors (``ulimit -n``)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass(frozen=True)
+class ClientBounds:
+    head_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int = 1000
+    max_headers: int = 100
+    max_head_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClientBounds:
+        return cls(
+            head_timeout=settings.client_head_timeout,
+            body_timeout=settings.client_body_timeout,
+            max_connections=settings.max_client_connections or default_max_connections(settings),
+        )
+
+
+def default_max_connections(settings: Settings) -> int:
+    """What fits below the descriptor limit next to the upstream connections."""
+    upstream = 2 * settings.upstream_max_connections * len(settings.targets)
+    return max(16, descriptor_limit() - _RESERVED_FDS - upstream)
+
+
+def _response(status: bytes, message: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(message)).encode() + b"\r\n\r\n" + message
+    )
+
+
+_TIMEOUT = _response(
+    b"408 Request Timeout",
+    b'{"error":{"message":"Request not received in time","type":"invalid_request_error",'
+    b'"code":"request_timeout"}}',
+)
+_TOO_LARGE = _response(
+    b"431 Request Header Fields Too Large",
+    b'{"error":{"message":"Request head too large","type":"invalid_request_error",'
+    b'"code":"request_header_fields_too_large"}}',
+)
+_BUSY = _response(
+    b"503 Service Unavailable",
+    b'{"error":{"message":"Too many open connections","type":"service_unavailable_error",'
+    b'"code":"service_unavailable"}}',
+)
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of :class:`ClientBounds`.
+
+    ``bounds`` is set on a subclass by :func:`bounded_protocol`; left None, it is read once from
+    the environment (for workers that import this class by name).
+    """
+
+    bounds: ClassVar[ClientBounds | None] = None
+    _warned_at: ClassVar[float] = -WARN_EVERY
+    _refused: ClassVar[int] = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cls = type(self)
+        if cls.bounds is None:
+            from openai_forward.settings import Settings
+
+            cls.bounds = ClientBounds.from_settings(Settings.from_env())
+        self._bounds: ClientBounds = cls.bounds
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_too_large = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self._bounds.max_connections:
+            self._refuse_busy()
+            return
+        self._arm(self._bounds.head_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # The parser reports an exception raised in a callback as a malformed request.
+        if self._head_too_large:
+            self._disarm()
+            self.transport.write(_TOO_LARGE)
+            self.transport.close()
+        else:
+            super().send_400_response(msg)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = self._header_count = 0
+        if self._timer is None:  # a kept-alive connection's next request
+            self._arm(self._bounds.head_timeout, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count_head(len(name) + len(value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        if self.cycle is not None and self.cycle.more_body:
+            self._arm(self._bounds.body_timeout, self._body_stalled)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._arm(self._bounds.body_timeout, self._body_stalled)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    # Bounds
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if (
+            self._head_bytes > self._bounds.max_head_bytes
+            or self._header_count > self._bounds.max_headers
+        ):
+            self._head_too_large = True
+            raise _HeadTooLarge  # stops the parser, which then reports a malformed request
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        self.transport.write(_TIMEOUT)
+        self.transport.close()
+
+    def _body_stalled(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the proxy is not reading: the client is not to blame
+            self._arm(self._bounds.body_timeout, self._body_stalled)
+            return
+        self.transport.close()  # the request's receive() now says http.disconnect
+
+    def _refuse_busy(self) -> None:
+        cls = BoundedProtocol
+        cls._refused += 1
+        self.transport.write(_BUSY)
+        self.transport.close()
+        now = time.monotonic()
+        if now - cls._warned_at >= WARN_EVERY:
+            cls._warned_at = now
+            logger.warning(
+                "Refusing connections with 503: %d open, the limit is %d (%d refused so far); "
+                "raise MAX_CLIENT_CONNECTIONS with the descriptor limit (ulimit -n)",
+                len(self.connections) - 1,
+                self._bounds.max_connections,
+                cls._refused,
+            )
+
+
+def bounded_protocol(bounds: ClientBounds) -> type[BoundedProtocol]:
+    """The protocol class for a server run in this process with ``bounds``."""
+    return type("BoundedProtocol", (BoundedProtocol,), {"bounds": bounds})
