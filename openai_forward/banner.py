@@ -76,9 +76,27 @@ def _limit_panel(settings: Settings, workers: int) -> Panel:
     return _rows("⏱️ Rate Limit configuration", rows)
 
 
+def _server_panel(settings: Settings) -> Panel:
+    from openai_forward.protocol import ClientBounds, descriptor_limit
+
+    bounds = ClientBounds.from_settings(settings)
+    rows = [
+        (
+            "client connections",
+            f"{bounds.max_connections} per worker (ulimit -n: {descriptor_limit()})",
+        ),
+        ("upstream connections", f"{settings.upstream_max_connections} per target"),
+        ("request head timeout", f"{bounds.head_timeout:g} s"),
+        ("request body timeout", f"{bounds.body_timeout:g} s"),
+        ("shutdown timeout", f"{settings.shutdown_timeout:g} s"),
+    ]
+    return _rows("🛡️ Server", rows)
+
+
 def render(settings: Settings, workers: int = 1) -> Group:
     panels = [_target_panel(t, settings) for t in settings.targets]
     panels.append(_limit_panel(settings, workers))
+    panels.append(_server_panel(settings))
     return Group(*panels)
 
 
