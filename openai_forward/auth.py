@@ -90,3 +90,23 @@ def bearer_token(authorization: str) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+
+class KeyMask:
+    """Masks keys in bytes that leave the proxy (an upstream's answer that quotes the key it
+    got, as some OpenAI-compatible servers do in their error messages)."""
+
+    REPLACEMENT = b"***"
+
+    def __init__(self, keys: Sequence[Secret]) -> None:
+        # longest first, so that a key containing another is masked whole
+        self._keys = sorted({k.reveal().encode("latin-1") for k in keys}, key=len, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def __call__(self, data: bytes) -> bytes:
+        for key in self._keys:
+            if key in data:
+                data = data.replace(key, self.REPLACEMENT)
+        return data

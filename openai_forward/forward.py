@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from openai_forward.auth import Credentials, KeyResolver
+from openai_forward.auth import Credentials, KeyMask, KeyResolver
 from openai_forward.body import BodyTooLarge, ClientGone, StreamedBody, read_body
 from openai_forward.cache import ResponseCache, Ticket
 from openai_forward.chatlog import ChatLog
@@ -120,6 +120,8 @@ class Forwarder:
             max_connections=settings.upstream_max_connections,
         )
         self._cors = Cors(settings.cors_allow_origins)
+        # Real keys quoted back by an upstream are masked before the answer is relayed.
+        self._mask = KeyMask(settings.api_keys) if self._openai else None
         self._max_body = settings.max_body_size
         self._limiter = features.limiter
         self._client = features.client_address
@@ -272,6 +274,7 @@ class Forwarder:
                 extra,
                 interval=self._interval(outcome.route) if self._pacing else None,
                 observers=observers,
+                mask=self._mask,
             )
         except ProxyError as exc:
             await send_error(send, exc.status, exc.message, extra)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from openai_forward.auth import KeyMask
 from openai_forward.exchange import Observer
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
-from openai_forward.upstream import Response
+from openai_forward.upstream import Response, UpstreamBroken, UpstreamError
 
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -31,10 +32,16 @@ async def relay(
     *,
     interval: float | None = None,
     observers: Sequence[Observer] = (),
+    mask: KeyMask | None = None,
 ) -> None:
     """Send ``response`` on to the client. Raises ``UpstreamBroken`` if the upstream breaks off
-    (the caller then cuts the client's response); observers are told whether the body was whole."""
+    (the caller then cuts the client's response); observers are told whether the body was whole.
+
+    With ``mask``, keys are masked in the headers, in bodies read whole, and in error bodies;
+    event streams and large successful bodies (model output, files) pass untouched."""
     headers = response_headers(response.headers)
+    if mask:
+        headers = [(name, mask(value)) for name, value in headers]
     streaming = is_event_stream(response)
     if streaming:
         headers = [h for h in headers if h[0] != b"cache-control"]
@@ -47,23 +54,32 @@ async def relay(
         observer.start(status, headers)
     complete = False
     try:
+        length = response.content_length
+        whole = length is not None and length <= WHOLE_BODY_LIMIT
+        if whole and not streaming and status not in NO_BODY_STATUS:
+            # read before the response starts: a break here is still a clean 502
+            body = await _read_whole(response)
+            if mask and (masked := mask(body)) is not body:
+                body, headers = masked, _with_length(headers, len(masked))
+            for observer in observers:
+                observer.feed(body)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            complete = True
+            return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if status in NO_BODY_STATUS:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
             return
-        length = response.content_length
-        if not streaming and length is not None and length <= WHOLE_BODY_LIMIT:
-            body = await response.read()
-            for observer in observers:
-                observer.feed(body)
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            complete = True
-            return
+        if not (mask and status >= 400 and length is None):
+            mask = None  # masked only where it cannot change a Content-Length
         if streaming and interval:
             await _relay_paced(send, response, interval, observers)
         else:
             async for chunk in response.chunks():
+                if mask:
+                    chunk = mask(chunk)
                 for observer in observers:
                     observer.feed(chunk)
                 # The upstream's end of body often comes in the same read as its last chunk:
@@ -78,6 +94,20 @@ async def relay(
     finally:
         for observer in observers:
             observer.close(complete)
+
+
+async def _read_whole(response: Response) -> bytes:
+    try:
+        return await response.read()
+    except UpstreamBroken as exc:
+        raise UpstreamError(f"Upstream {response.base_url} broke off its answer: {exc}") from exc
+
+
+def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (name, str(length).encode() if name == b"content-length" else value)
+        for name, value in headers
+    ]
 
 
 async def _relay_paced(
