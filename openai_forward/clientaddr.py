@@ -34,27 +34,22 @@ class ClientAddress:
         return any(address in network for network in self._networks)
 
     def __call__(self, scope: Scope) -> str:
-        """The client's address, with ``X-Forwarded-For`` looked up in the request's headers."""
+        """The client's address: worked out on the first call for a request, then read from
+        its scope."""
         found: str | None = scope.get(SCOPE_KEY)
-        if found is not None:
-            return found
+        if found is None:
+            found = scope[SCOPE_KEY] = self._resolve(scope)
+        return found
+
+    def _resolve(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if not self.is_trusted(peer):
+            return peer
         forwarded_for = next(
             (value for name, value in scope["headers"] if name == b"x-forwarded-for"), None
         )
-        return self.of(scope, forwarded_for)
-
-    def of(self, scope: Scope, forwarded_for: bytes | None) -> str:
-        """The client's address, for a caller that has already found the request's first
-        ``X-Forwarded-For`` header (None: the request has none)."""
-        found: str | None = scope.get(SCOPE_KEY)
-        if found is None:
-            found = scope[SCOPE_KEY] = self._resolve(scope, forwarded_for)
-        return found
-
-    def _resolve(self, scope: Scope, forwarded_for: bytes | None) -> str:
-        client = scope.get("client")
-        peer = client[0] if client else "unknown"
-        if forwarded_for is None or not self.is_trusted(peer):
+        if forwarded_for is None:
             return peer
         hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
         # Each trusted proxy appends the address it saw: walk back from the nearest one and stop
