@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 if TYPE_CHECKING:
     from openai_forward.settings import Settings
@@ -155,6 +155,11 @@ class BoundedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None and self.scope.get("http_version") == "1.0":
+            # uvicorn would frame an answer of unknown length as chunked, which an HTTP/1.0
+            # client cannot read. The request's task has not run yet: its cycle can still
+            # become one that ends such an answer by closing the connection.
+            self.cycle.__class__ = CloseDelimitedCycle
         if self.cycle is not None and self.cycle.more_body:
             self._arm(self._bounds.body_timeout, self._body_stalled)
 
@@ -218,6 +223,24 @@ class BoundedProtocol(HttpToolsProtocol):
                 self._bounds.max_connections,
                 cls._refused,
             )
+
+
+class CloseDelimitedCycle(RequestResponseCycle):
+    """An HTTP/1.0 request's cycle: an answer without Content-Length is sent as it comes and
+    ended by closing the connection, never chunked."""
+
+    _close_delimited = False
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if b"content-length" not in names:
+                self._close_delimited = True
+                self.keep_alive = False
+                self.chunked_encoding = False  # neither chunked nor a length: the close ends it
+        elif self._close_delimited and message["type"] == "http.response.body":
+            self.expected_content_length = len(message.get("body", b""))
+        await super().send(message)
 
 
 def bounded_protocol(bounds: ClientBounds) -> type[BoundedProtocol]:
