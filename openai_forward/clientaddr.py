@@ -1,5 +1,11 @@
 """Who the client is: the peer address, or the one a trusted proxy reports in X-Forwarded-For.
 
+The client is the right-most X-Forwarded-For address that is not itself a trusted proxy (as
+uvicorn's and werkzeug's proxy-header handlers decide), so a client cannot forge its address by
+sending an X-Forwarded-For of its own: the proxies it passes append to it. The ``Forwarded``
+header (RFC 7239) is not read: the proxies in front of this one (nginx, Caddy, cloud load
+balancers) send X-Forwarded-For.
+
 Worked out only when a feature asks (limits per address, IP lists, chat logs), instead of a
 middleware rewriting every request's scope, and then once per request: the answer is kept in the
 ASGI scope for the next feature that asks.
@@ -46,12 +52,11 @@ class ClientAddress:
         peer = client[0] if client else "unknown"
         if not self.is_trusted(peer):
             return peer
-        forwarded_for = next(
-            (value for name, value in scope["headers"] if name == b"x-forwarded-for"), None
-        )
-        if forwarded_for is None:
+        # Several X-Forwarded-For lines are one list, in order (RFC 9110, section 5.3).
+        lines = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
+        if not lines:
             return peer
-        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        hops = [h.strip() for h in b",".join(lines).decode("latin-1").split(",") if h.strip()]
         # Each trusted proxy appends the address it saw: walk back from the nearest one and stop
         # at the first address that is not a trusted proxy.
         for hop in reversed(hops):
