@@ -31,7 +31,7 @@ from openai_forward.ratelimit import RequestLimiter
 from openai_forward.ratelimit.rules import canonical_route
 from openai_forward.relay import relay
 from openai_forward.settings import Settings, Target
-from openai_forward.types import Message, Receive, Scope, Send
+from openai_forward.types import CUT, Message, Receive, Scope, Send
 from openai_forward.upstream import Response, Upstream, UpstreamBroken
 from openai_forward.websocket import key_from_protocols, refuse, relay_websocket
 
@@ -284,8 +284,10 @@ class Forwarder:
             outcome.client_left = True
         except UpstreamBroken as exc:
             # Returning without finishing the body makes the server close the connection: the
-            # client sees a cut response, never a made-up ending.
+            # client sees a cut response, never a made-up ending. (The mark spares the log a
+            # second line from the server about it.)
             logger.warning("Upstream broke off mid-response: %s", exc)
+            scope[CUT] = True
         except Exception:
             # A defect of ours: logged in full here, and the client still gets an answer in
             # OpenAI's shape if nothing was sent yet.

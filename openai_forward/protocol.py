@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from openai_forward.types import CUT
+
 if TYPE_CHECKING:
     from openai_forward.settings import Settings
 
@@ -83,6 +85,13 @@ _TOO_LARGE = _response(
 _BUSY = _response(
     b"503 Service Unavailable",
     b'{"error":{"message":"Too many open connections","type":"service_unavailable_error",'
+    b'"code":"service_unavailable"}}',
+)
+
+
+_SHUTTING_DOWN = _response(
+    b"503 Service Unavailable",
+    b'{"error":{"message":"The proxy is shutting down","type":"service_unavailable_error",'
     b'"code":"service_unavailable"}}',
 )
 
@@ -155,13 +164,13 @@ class BoundedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        if self.cycle is not None and self.scope.get("http_version") == "1.0":
-            # uvicorn would frame an answer of unknown length as chunked, which an HTTP/1.0
-            # client cannot read. The request's task has not run yet: its cycle can still
-            # become one that ends such an answer by closing the connection.
-            self.cycle.__class__ = CloseDelimitedCycle
         if self.cycle is not None and self.cycle.more_body:
             self._arm(self._bounds.body_timeout, self._body_stalled)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn builds its own cycle for each request; ours adds to it (see ProxyCycle)
+        cycle.__class__ = ProxyCycle
+        super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -225,14 +234,51 @@ class BoundedProtocol(HttpToolsProtocol):
             )
 
 
-class CloseDelimitedCycle(RequestResponseCycle):
-    """An HTTP/1.0 request's cycle: an answer without Content-Length is sent as it comes and
-    ended by closing the connection, never chunked."""
+class ProxyCycle(RequestResponseCycle):
+    """uvicorn's request cycle, with three differences:
+
+    - for an HTTP/1.0 client, an answer without Content-Length is sent as it comes and ended by
+      closing the connection (uvicorn would frame it as chunked, which such a client cannot read);
+    - an app that marks its scope with :data:`CUT` before returning mid-response has its
+      connection closed without an error in the log (a relayed answer the upstream broke off is
+      logged once, by the proxy);
+    - a response cut by a shutdown that outlasted the graceful timeout is one line in the log,
+      not a traceback.
+    """
 
     _close_delimited = False
 
+    async def run_asgi(self, app: Any) -> None:
+        async def app_that_may_be_cut(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                logger.warning(
+                    "Cut at shutdown: %s %s (still running after the graceful timeout)",
+                    scope.get("method"),
+                    scope.get("path"),
+                )
+                if self.response_started:
+                    self._cut()
+                else:
+                    self.transport.write(_SHUTTING_DOWN)
+                    self._cut()
+                return
+            if scope.get(CUT) and self.response_started and not self.response_complete:
+                self._cut()
+
+        await super().run_asgi(app_that_may_be_cut)
+
+    def _cut(self) -> None:
+        self.transport.close()
+        self.disconnected = True  # nothing more to send; uvicorn then says nothing
+
     async def send(self, message: Any) -> None:
-        if message["type"] == "http.response.start" and not self.response_started:
+        if (
+            message["type"] == "http.response.start"
+            and not self.response_started
+            and self.scope.get("http_version") == "1.0"
+        ):
             names = {name.lower() for name, _ in message.get("headers", [])}
             if b"content-length" not in names:
                 self._close_delimited = True

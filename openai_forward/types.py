@@ -8,3 +8,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The scope key an app sets when it returns in the middle of a response on purpose, so that the
+# server closes the connection without logging an error (see openai_forward.protocol).
+CUT = "openai_forward.cut"
