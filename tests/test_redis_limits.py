@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from openai_forward.ratelimit import check_startup
-from openai_forward.settings import Settings
+from openai_forward.ratelimit import build_limiter, check_startup
+from openai_forward.settings import ConfigError, Settings
 from tests.support import RedisProcess, free_port
 
 CHAT = "/v1/chat/completions"
@@ -170,3 +170,38 @@ async def test_a_frozen_redis_costs_one_timeout_then_limits_resume(
     assert after[-1] == 429 and set(after[:-1]) == {200} and len(after) in (2, 3), after
     assert any("storage unavailable" in r.getMessage() for r in caplog.records)
     assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("redis+sentinel://:s3cret@127.0.0.1:{port}", "expected a usable Redis URL"),
+        ("redis+sentinel://:s3cret@127.0.0.1:{port}/mymaster", "(MasterNotFoundError: "),
+        ("redis+cluster://:s3cret@127.0.0.1:{port}", "(RedisClusterException: "),
+    ],
+)
+def test_startup_check_of_sentinel_and_cluster_urls(url: str, expected: str):
+    url = url.format(port=free_port())
+    with pytest.raises(ConfigError) as info:
+        check_startup(settings(REQ_RATE_LIMIT_BACKEND=url, GLOBAL_RATE_LIMIT="1/second"))
+    message = str(info.value)
+    assert message.startswith("REQ_RATE_LIMIT_BACKEND='redis+") and expected in message
+    assert "s3cret" not in message and "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_an_unreachable_redis_fails_open_or_closed_whatever_the_scheme(scheme: str):
+    for fail_open, expected in (("true", None), ("false", 503)):
+        env = {
+            "REQ_RATE_LIMIT_BACKEND": f"{scheme}://127.0.0.1:{free_port()}",
+            "GLOBAL_RATE_LIMIT": "1/second",
+            "RATE_LIMIT_FAIL_OPEN": fail_open,
+        }
+        limiter = build_limiter(settings(**env))
+        assert limiter is not None
+        await limiter.open()
+        try:
+            refusal = await limiter.check("u", CHAT)
+            assert (refusal and refusal.status) == expected
+        finally:
+            await limiter.close()

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem
 from limits.aio.storage import RedisSentinelStorage, RedisStorage, Storage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import STRATEGIES as LIMITS_STRATEGIES
 from limits.aio.strategies import FixedWindowRateLimiter, RateLimiter
+from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
 from openai_forward.ratelimit.memory import MemoryCounters
@@ -111,9 +113,9 @@ def open_backend(settings: Settings) -> Backend:
     url = settings.req_rate_limit_backend
     if not is_redis(url):
         return Backend(strategy(MemoryCounters()), (), _nothing_to_close)
-    require_redis_py(VARIABLE, url)
     uri = limits_uri(url)
-    storage = storage_from_string(
+    storage = _limits_storage(
+        url,
         f"async+{uri}",
         implementation="redispy",
         # The strategy is part of the prefix: strategies keep different Redis types under the
@@ -132,9 +134,11 @@ def open_backend(settings: Settings) -> Backend:
         for client in {id(c): c for c in clients}.values():
             await client.aclose()
 
-    # redis-py raises its RedisError subclasses; OSError covers a timeout or a socket error
-    # that reaches us bare from below it.
-    errors = (*_as_tuple(storage.base_exceptions), OSError)
+    from redis.exceptions import RedisClusterException
+
+    # redis-py raises its RedisError subclasses, but a cluster it cannot reach raises
+    # RedisClusterException, and a socket error may reach us bare from below it.
+    errors = (*_as_tuple(storage.base_exceptions), RedisClusterException, OSError)
     return Backend(strategy(storage), errors, close)
 
 
@@ -156,7 +160,8 @@ def _as_tuple(
 
 
 def limits_uri(url: str) -> str:
-    """``url`` as ``limits``' storages name it: ``unix://`` is ``redis+unix://`` there."""
+    """``url`` as ``limits``' storages name it (``unix://`` is ``redis+unix://`` there), once
+    redis-py is known to be installed."""
     scheme, _, rest = url.partition("://")
     if scheme not in LIMITS_SCHEMES:
         raise ConfigError(
@@ -164,7 +169,22 @@ def limits_uri(url: str) -> str:
             redacted(url),
             "memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://",
         )
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            VARIABLE, redacted(url), 'redis-py installed: pip install "openai-forward[redis]"'
+        ) from None
     return f"{LIMITS_SCHEMES[scheme]}://{rest}"
+
+
+def _limits_storage(url: str, uri: str, **options: Any) -> Any:
+    """``limits``' storage for ``uri``; one it cannot build is a ``ConfigError``."""
+    try:
+        return storage_from_string(uri, **options)
+    except (ConfigurationError, ValueError) as exc:
+        expected = f"a usable Redis URL ({_reason(exc, url)})"
+        raise ConfigError(VARIABLE, redacted(url), expected) from None
 
 
 def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str, Any]:
@@ -187,16 +207,6 @@ def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str,
     return options
 
 
-def require_redis_py(variable: str, url: str) -> None:
-    """Raise ``ConfigError`` naming the extra to install when redis-py is missing."""
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            variable, redacted(url), 'redis-py installed: pip install "openai-forward[redis]"'
-        ) from None
-
-
 def ping_redis(url: str) -> None:
     """Raise ``ConfigError`` naming ``REQ_RATE_LIMIT_BACKEND`` unless Redis answers PING
     (after AUTH and SELECT from the URL), the URL's password masked.
@@ -205,14 +215,13 @@ def ping_redis(url: str) -> None:
     ``limits``' synchronous storage for the URL, which builds the redis-py client for each
     scheme (a plain client, Sentinel's master, a cluster) as the async one does when serving.
     """
-    require_redis_py(VARIABLE, url)
+    uri = limits_uri(url)
     from limits.storage import RedisStorage as SyncRedisStorage
-    from redis import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
-    uri, password = limits_uri(url), _password(url)
     try:
-        storage = storage_from_string(
-            uri, **_redis_options(uri, STARTUP_TIMEOUT, asynchronous=False)
+        storage = _limits_storage(
+            url, uri, **_redis_options(uri, STARTUP_TIMEOUT, asynchronous=False)
         )
         assert isinstance(storage, SyncRedisStorage)
         client = cast("redis.Redis | redis.RedisCluster", storage.get_connection())
@@ -220,17 +229,19 @@ def ping_redis(url: str) -> None:
             client.ping()
         finally:
             client.close()
-    except (RedisError, OSError) as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip()
-        if password:
-            reason = reason.replace(password, "***")
+    except (RedisError, RedisClusterException, OSError) as exc:
+        reason = _reason(exc, url)
         raise ConfigError(VARIABLE, redacted(url), f"a reachable Redis ({reason})") from None
 
 
-def _password(url: str) -> str | None:
-    from urllib.parse import urlsplit
-
+def _reason(exc: BaseException, url: str, limit: int = 200) -> str:
+    """``exc`` in one line for a message: the URL's password masked, at most ``limit``
+    characters (redis-py puts a whole client's repr in some messages)."""
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
     try:
-        return urlsplit(url).password
+        password = urlsplit(url).password
     except ValueError:
-        return None
+        password = None
+    if password:
+        reason = reason.replace(password, "***")
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
