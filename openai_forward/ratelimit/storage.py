@@ -113,6 +113,7 @@ def open_backend(settings: Settings) -> Backend:
     url = settings.req_rate_limit_backend
     if not is_redis(url):
         return Backend(strategy(MemoryCounters()), (), _nothing_to_close)
+    _require_redis_py(url)
     uri = limits_uri(url)
     storage = _limits_storage(
         url,
@@ -160,8 +161,7 @@ def _as_tuple(
 
 
 def limits_uri(url: str) -> str:
-    """``url`` as ``limits``' storages name it (``unix://`` is ``redis+unix://`` there), once
-    redis-py is known to be installed."""
+    """``url`` as ``limits``' storages name it (``unix://`` is ``redis+unix://`` there)."""
     scheme, _, rest = url.partition("://")
     if scheme not in LIMITS_SCHEMES:
         raise ConfigError(
@@ -169,13 +169,16 @@ def limits_uri(url: str) -> str:
             redacted(url),
             "memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://",
         )
+    return f"{LIMITS_SCHEMES[scheme]}://{rest}"
+
+
+def _require_redis_py(url: str) -> None:
     try:
         import redis  # noqa: F401
     except ImportError:
         raise ConfigError(
             VARIABLE, redacted(url), 'redis-py installed: pip install "openai-forward[redis]"'
         ) from None
-    return f"{LIMITS_SCHEMES[scheme]}://{rest}"
 
 
 def _limits_storage(url: str, uri: str, **options: Any) -> Any:
@@ -215,6 +218,7 @@ def ping_redis(url: str) -> None:
     ``limits``' synchronous storage for the URL, which builds the redis-py client for each
     scheme (a plain client, Sentinel's master, a cluster) as the async one does when serving.
     """
+    _require_redis_py(url)
     uri = limits_uri(url)
     from limits.storage import RedisStorage as SyncRedisStorage
     from redis.exceptions import RedisClusterException, RedisError
