@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,10 +79,17 @@ def read_request_head(
     return head
 
 
+# What an HTTP server may not send in a header value (uvicorn refuses it), though clients and
+# servers accept it from an upstream: such characters are relayed as spaces.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's end-to-end headers without hop-by-hop ones (names come lower-cased)."""
     out = []
     for name, value in raw:
         if name not in _NOT_DOWNSTREAM and not name.startswith(b"access-control-"):
+            if _CONTROL.search(value):
+                value = _CONTROL.sub(b" ", value)
             out.append((name, value))
     return out

@@ -74,14 +74,21 @@ def retry_after(value: str | None) -> float | None:
 class Response:
     """The upstream's answer, head read and body not yet: the relay's view of it."""
 
-    __slots__ = ("_raw", "base_url", "headers", "status")
+    __slots__ = ("_closed", "_raw", "base_url", "headers", "status")
 
-    def __init__(self, raw: aiohttp.ClientResponse, base_url: str) -> None:
+    def __init__(self, raw: aiohttp.ClientResponse, base_url: str, method: str) -> None:
         self._raw = raw
         self.base_url = base_url
         self.status = raw.status
         # Names lower-cased once, as ASGI wants them; values exactly as received.
         self.headers = [(name.lower(), value) for name, value in raw.raw_headers]
+        # A body that ends where the connection ends is whole only if the connection ended
+        # cleanly: aiohttp takes a reset there for the end, the closing of its connection tells.
+        self._closed: asyncio.Future[None] | None = None
+        if _ends_at_close(raw, method) and raw.connection is not None:
+            self._closed = raw.connection.protocol.closed  # type: ignore[union-attr]
+            if self._closed is not None:  # seen, even when the body is not read to its end
+                self._closed.add_done_callback(_consume)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case)."""
@@ -97,9 +104,11 @@ class Response:
     async def read(self) -> bytes:
         """The whole body. Raises :class:`UpstreamBroken`."""
         try:
-            return await self._raw.read()
+            body = await self._raw.read()
+            await self._ended_cleanly()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+        return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives. Raises :class:`UpstreamBroken`."""
@@ -107,12 +116,18 @@ class Response:
         try:
             while chunk := await content.readany():
                 yield chunk
+            await self._ended_cleanly()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
 
+    async def _ended_cleanly(self) -> None:
+        if self._closed is not None:
+            await self._closed  # raises if the connection was lost rather than closed
+
     def at_eof(self) -> bool:
-        """Whether the whole body has been read."""
-        return self._raw.content.at_eof()
+        """Whether the whole body has been read (known only after the last chunk for a body
+        that ends with its connection)."""
+        return self._closed is None and self._raw.content.at_eof()
 
     def release(self) -> None:
         """Done with it: a body read to its end returns the connection to the pool; anything
@@ -121,6 +136,22 @@ class Response:
             self._raw.release()
         else:
             self._raw.close()
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _ends_at_close(raw: aiohttp.ClientResponse, method: str) -> bool:
+    """Whether the body is delimited by the end of the connection (no length, not chunked)."""
+    return (
+        raw.content_length is None
+        and "chunked" not in raw.headers.get("Transfer-Encoding", "").lower()
+        and raw.status >= 200
+        and raw.status not in (204, 304)
+        and method != "HEAD"
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +195,7 @@ class Upstream:
         self._max_connections = max_connections
         # An HTTP proxy is named per request; a SOCKS proxy is the connector's way to connect.
         self._http_proxy = None if proxy is None or proxy.startswith("socks") else proxy
+        self._proxy_errors: tuple[type[Exception], ...] = ()  # a SOCKS proxy's own errors
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # for streamed uploads, see send()
 
@@ -179,7 +211,15 @@ class Upstream:
         if self._proxy is not None and self._http_proxy is None:
             from aiohttp_socks import ProxyConnector  # the [socks] extra
 
-            connector = ProxyConnector.from_url(self._proxy, **options)
+            # As curl reads them: socks5h:// lets the proxy resolve the name, socks5:// resolves
+            # it here (aiohttp-socks knows only the socks5 scheme, with an rdns flag).
+            remote_dns = self._proxy.startswith(("socks5h:", "socks4a:"))
+            url = URL(self._proxy)
+            url = url.with_scheme(
+                {"socks5h": "socks5", "socks4a": "socks4"}.get(url.scheme, url.scheme)
+            )
+            connector = ProxyConnector.from_url(str(url), rdns=remote_dns, **options)
+            self._proxy_errors = _socks_errors()
         else:
             connector = aiohttp.TCPConnector(**options)  # type: ignore[arg-type]
         return aiohttp.ClientSession(
@@ -267,7 +307,7 @@ class Upstream:
 
             status = raw.status
             if status not in _COME_BACK and status != 401:
-                return Response(raw, self.base_url)
+                return Response(raw, self.base_url, method)
             wait = retry_after(raw.headers.get("Retry-After"))
             if key is not None and status in (401, 429):
                 pool.bench(key, None if status == 401 else (wait or KEY_COOLDOWN_429))
@@ -282,7 +322,7 @@ class Upstream:
                 or wait > RETRY_AFTER_CAP
                 or not self._may_retry(attempt, body)
             ):
-                return Response(raw, self.base_url)  # the client backs off as it was told
+                return Response(raw, self.base_url, method)  # the client backs off as it was told
             raw.close()
             await asyncio.sleep(wait)
             attempt += 1
@@ -319,6 +359,10 @@ class Upstream:
             error = self._websocket_failure(exc)
             logger.warning("%s", error)
             raise error from exc
+        except self._proxy_errors as exc:
+            error = self._websocket_failure(exc)
+            logger.warning("%s", error)
+            raise error from exc
         return UpstreamSocket(ws)
 
     def _websocket_failure(self, exc: Exception) -> Exception:
@@ -326,8 +370,12 @@ class Upstream:
             status = exc.status if 400 <= exc.status < 600 else 502
             what = f"refused the WebSocket upgrade ({exc.status})"
             return ProxyError(f"Upstream {self.base_url} {what}", status)
-        if isinstance(exc, aiohttp.ClientError):
-            failure = self._sort(exc, reused=False)
+        if isinstance(exc, aiohttp.ClientError | self._proxy_errors):
+            failure = (
+                self._sort(exc, reused=False)
+                if isinstance(exc, aiohttp.ClientError)
+                else self._socks_failure(exc)
+            )
             return failure.error if isinstance(failure, _CannotConnect) else failure
         return UpstreamTimeout(f"Upstream {self.base_url} timed out opening a WebSocket")
 
@@ -388,6 +436,8 @@ class Upstream:
             if isinstance(body, StreamedBody) and body.failure is not None:
                 raise body.failure from exc
             raise self._sort(exc, reused=trace.reused) from exc
+        except self._proxy_errors as exc:
+            raise self._socks_failure(exc) from exc
 
     def _sort(self, exc: aiohttp.ClientError, *, reused: bool) -> Exception:
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -405,6 +455,14 @@ class Upstream:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             return self._failed("closed the connection without an answer", exc)
         return self._failed("failed", exc)
+
+    def _socks_failure(self, exc: Exception) -> Exception:
+        name = type(exc).__name__
+        if name == "ProxyConnectionError":  # the SOCKS proxy itself could not be reached
+            return _CannotConnect(self._failed("unreachable: the SOCKS proxy is down", exc))
+        if name == "ProxyTimeoutError":
+            return _CannotConnect(self._failed("unreachable: the SOCKS proxy timed out", exc))
+        return self._failed("cannot be reached: the SOCKS proxy refused", exc)
 
     def _failed(self, what: str, exc: BaseException) -> UpstreamError:
         return UpstreamError(f"Upstream {self.base_url} {what}: {_describe(exc)}")
@@ -456,6 +514,20 @@ class UpstreamSocket:
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         if not self._ws.closed:
             await self._ws.close(code=code, message=(reason or "").encode())
+
+
+def _socks_errors() -> tuple[type[Exception], ...]:
+    """What a SOCKS connection raises that is not aiohttp's (empty without the [socks] extra)."""
+    try:
+        import aiohttp_socks
+        import python_socks
+    except ImportError:
+        return ()
+    return tuple(
+        getattr(module, name)
+        for module in (aiohttp_socks, python_socks)
+        for name in ("ProxyConnectionError", "ProxyError", "ProxyTimeoutError")
+    )
 
 
 class _Stale(Exception):

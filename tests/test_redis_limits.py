@@ -205,3 +205,22 @@ async def test_an_unreachable_redis_fails_open_or_closed_whatever_the_scheme(sch
             assert (refusal and refusal.status) == expected
         finally:
             await limiter.close()
+
+
+async def test_more_requests_in_flight_than_redis_connections(
+    proxy_factory, upstream, redis_server
+):
+    """Past the pool's 100 connections, a limit check waits for a free one instead of failing
+    (redis-py's default pool refuses at once, which here would admit unchecked)."""
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url,
+        REQ_RATE_LIMIT='{"/v1/models": "150/minute"}',
+        REQ_RATE_LIMIT_BACKEND=redis_server.url,
+        REDIS_KEY_PREFIX=redis_server.prefix,
+        RATE_LIMIT_FAIL_OPEN="false",
+    )
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=proxy.url, limits=limits, timeout=20) as client:
+        answers = await asyncio.gather(*(client.get("/v1/models") for _ in range(160)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 150 + [429] * 10

@@ -188,27 +188,6 @@ async def test_body_ending_at_eof_cut_by_a_reset_is_not_complete(proxy_factory):
                 await response.aread()
 
 
-async def test_bytes_after_a_response_do_not_poison_the_next_one(proxy_factory):
-    async def answer(reader, writer):
-        await read_request(reader)
-        if server.connections == 1:  # a second, partial head after the answer
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 500 Oops\r\nX-J")
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-        await writer.drain()
-        await reader.read()
-
-    async with RawServer(answer) as server:
-        proxy = proxy_factory(**extra_target(server.url, MAX_RETRIES=0))
-        async with httpx.AsyncClient(base_url=proxy.url, timeout=5) as client:
-            first = await client.get("/x/a")
-            assert (first.status_code, first.content) == (200, b"ok")
-            second = await client.get("/x/a")
-            assert (second.status_code, second.content) == (200, b"second")
-            assert "x-j" not in second.headers
-    assert server.connections == 2
-
-
 async def test_interim_100_head_is_dropped(proxy_factory):
     async def answer(reader, writer):
         while True:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from openai_forward.settings import ConfigError
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
 
 TIMEOUT = 2.0
 
@@ -25,24 +25,22 @@ class RedisStore:
         self._url = url
         self._prefix = f"{prefix}:cache:"
         self._client: Redis | None = None
+        self._pool: BlockingConnectionPool
 
     async def open(self) -> None:
         from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+
+        from openai_forward.ratelimit.storage import waiting_pool
 
         # No retry (redis-py retries 10 times by default): a miss now beats an answer later.
-        self._client = Redis.from_url(
-            self._url,
-            socket_timeout=TIMEOUT,
-            socket_connect_timeout=TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._pool = waiting_pool(self._url, TIMEOUT)
+        self._client = Redis(connection_pool=self._pool)
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+            await self._pool.disconnect()
 
     def _live(self) -> Redis:
         assert self._client is not None, "RedisStore used before open"

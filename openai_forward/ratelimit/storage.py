@@ -115,6 +115,10 @@ def open_backend(settings: Settings) -> Backend:
         return Backend(strategy(MemoryCounters()), (), _nothing_to_close)
     _require_redis_py(url)
     uri = limits_uri(url)
+    options = _redis_options(uri, REDIS_TIMEOUT, asynchronous=True)
+    pool = None
+    if url.startswith(("redis://", "rediss://", "unix://")):  # Sentinel and Cluster pool alike
+        options["connection_pool"] = pool = waiting_pool(url, REDIS_TIMEOUT)
     storage = _limits_storage(
         url,
         f"async+{uri}",
@@ -122,7 +126,7 @@ def open_backend(settings: Settings) -> Backend:
         # The strategy is part of the prefix: strategies keep different Redis types under the
         # same key, and a changed RATE_LIMIT_STRATEGY must not meet WRONGTYPE errors.
         key_prefix=f"{settings.redis_key_prefix}:limits:{settings.rate_limit_strategy}",
-        **_redis_options(uri, REDIS_TIMEOUT, asynchronous=True),
+        **options,
     )
     assert isinstance(storage, RedisStorage)  # or its Sentinel or cluster subclass
     bridge = cast(RedispyBridge, storage.bridge)
@@ -134,6 +138,8 @@ def open_backend(settings: Settings) -> Backend:
             clients += bridge.sentinel.sentinels
         for client in {id(c): c for c in clients}.values():
             await client.aclose()
+        if pool is not None:  # a pool given to a client is not the client's to close
+            await pool.disconnect()
 
     from redis.exceptions import RedisClusterException
 
@@ -208,6 +214,17 @@ def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str,
     if uri.startswith("redis+sentinel://"):  # the same for the sentinels themselves
         options["sentinel_kwargs"] = dict(options)
     return options
+
+
+def waiting_pool(url: str, timeout: float) -> redis.asyncio.BlockingConnectionPool:
+    """Connections to ``url`` (``redis://``, ``rediss://`` or ``unix://``), at most 100, for which
+    a command waits up to ``timeout`` seconds when all are busy: redis-py's default pool fails at
+    once then. Short timeouts and no retry, as for every Redis client here."""
+    from redis.asyncio import BlockingConnectionPool
+
+    return BlockingConnectionPool.from_url(
+        url, max_connections=100, timeout=timeout, **_redis_options(url, timeout, asynchronous=True)
+    )
 
 
 def ping_redis(url: str) -> None:
