@@ -122,6 +122,7 @@ class ProxyServer:
         deadline = time.monotonic() + 10
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._sock.close()
                 raise RuntimeError("proxy did not start")
             time.sleep(0.01)
         return self
