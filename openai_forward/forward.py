@@ -229,10 +229,18 @@ class Forwarder:
         if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
             call = self._call(scope, outcome, body, creds)
             if call is not None:
+                # A feature that cannot take a request (a body nested past what its encoder
+                # goes, say) is skipped for it: the request still goes upstream.
                 if self._chatlog is not None:
-                    observers.append(self._chatlog.request(call))
+                    try:
+                        observers.append(self._chatlog.request(call))
+                    except Exception as exc:
+                        _skipped("chat log", outcome, exc)
                 if self._cache is not None:
-                    ticket = await self._cache.begin(call)
+                    try:
+                        ticket = await self._cache.begin(call)
+                    except Exception as exc:
+                        _skipped("cache", outcome, exc)
                     if ticket is not None and ticket.answer is not None:
                         outcome.cache = "HIT"
                         await ticket.replay(send, cors, call.stream, observers)
@@ -348,3 +356,14 @@ class Forwarder:
             creds.user,
             query=scope["query_string"],
         )
+
+
+def _skipped(feature: str, outcome: Outcome, exc: Exception) -> None:
+    logger.warning(
+        "The %s skipped %s %s (%s: %s); it goes upstream as it is",
+        feature,
+        outcome.method,
+        outcome.route,
+        type(exc).__name__,
+        str(exc)[:200],
+    )
