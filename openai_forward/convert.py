@@ -1,7 +1,9 @@
-"""``aifd convert``: chat logs to ``Log/chat_<name>.json``, a JSON array of conversations.
+"""``aifd convert``: chat logs to ``Log/<kind>_<name>.json``, a JSON array of conversations.
 
-Request and response records are joined by ``uid`` and written in request order, reading the
-rotated files oldest first. Lines of the original openai-forward (Python dict literals such as
+Every kind with a conversation (:func:`openai_forward.kinds.converted_kinds`: chat completions
+to ``chat_<name>.json``, the Responses API to ``responses_<name>.json``) converts to the same
+shape. Request and response records are joined by ``uid`` and written in request order, reading
+the rotated files oldest first. Lines of the original openai-forward (Python dict literals such as
 ``{'messages': [...], 'uid': '...'}``) are read too, with ``ast.literal_eval`` (never ``eval``), so
 old logs convert alongside new ones.
 
@@ -24,17 +26,20 @@ from typing import Any
 import orjson
 from rich.console import Console
 
+from openai_forward.kinds import CHAT, Kind, converted_kinds
+
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024  # below this a conversion is too quick for a progress bar
 _NUMBERED = re.compile(r"\.log\.(\d+)$")
 
 
 @dataclass
 class Source:
-    """The chat logs of one prefix and where their conversion goes."""
+    """The logs of one kind of one prefix and where their conversion goes."""
 
     name: str
-    folder: Path  # the ``chat`` folder
+    folder: Path  # the kind's folder (``chat``), or a folder of log files
     target: Path
+    kind: Kind = CHAT
 
 
 @dataclass
@@ -53,20 +58,21 @@ def convert(
     console: Console | None = None,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
 ) -> list[Result]:
-    """Convert one prefix's logs (``log_folder``: ``Log/<name>`` or ``Log/<name>/chat``), or those
-    of every prefix under a log root (``log_folder``: ``Log``; by default ``LOG_FOLDER``).
-    Raises FileNotFoundError, NotADirectoryError or ValueError with a message for the user."""
+    """Convert one prefix's logs (``log_folder``: ``Log/<name>``, or one kind's folder such as
+    ``Log/<name>/chat``), or those of every prefix under a log root (``log_folder``: ``Log``; by
+    default ``LOG_FOLDER``). Raises FileNotFoundError, NotADirectoryError or ValueError with a
+    message for the user."""
     console = console or Console(stderr=True)
     sources = find_sources(log_folder, target_path)
-    files = {source.name: log_files(source.folder) for source in sources}
-    if len(sources) == 1 and not files[sources[0].name]:
+    files = [log_files(source.folder) for source in sources]
+    if len(sources) == 1 and not files[0]:
         raise FileNotFoundError(f"no chat log files in {str(sources[0].folder)!r}")
-    total = sum(f.stat().st_size for paths in files.values() for f in paths)
+    total = sum(f.stat().st_size for paths in files for f in paths)
     results = []
     shown = total >= progress_min_bytes and console.is_terminal
     with _Progress(console, total if shown else 0) as progress:
-        for source in sources:
-            result = join(files[source.name], source.target, progress)
+        for source, paths in zip(sources, files, strict=True):
+            result = join(paths, source.target, progress, source.kind)
             write_json(result.entries, source.target)
             result.entries = []
             results.append(result)
@@ -94,30 +100,61 @@ def find_sources(log_folder: str | None, target_path: str | None) -> list[Source
         raise FileNotFoundError(f"--log_folder={log_folder!r}: no such folder")
     if not folder.is_dir():
         raise NotADirectoryError(f"--log_folder={log_folder!r}: not a folder")
-    if (folder / "chat").is_dir():  # Log/<name>
-        chat = folder / "chat"
-    elif folder.name == "chat":  # Log/<name>/chat
-        chat, folder = folder, folder.parent
-    elif any((d / "chat").is_dir() for d in folder.iterdir()):  # the root: Log
+    kinds = _kinds_in(folder)
+    if kinds:  # Log/<name>
+        return _one_prefix(folder, kinds, target_path)
+    named = [kind for kind in converted_kinds() if kind.log.folder == folder.name]
+    if named:  # Log/<name>/chat
+        return _one_prefix(folder.parent, named, target_path)
+    if any(_kinds_in(d) for d in folder.iterdir() if d.is_dir()):  # the root: Log
         return _every_prefix(folder, target_path)
-    else:  # a folder of log files
-        chat = folder
+    # a folder of log files: chat logs
     target = Path(target_path) if target_path else folder.parent / f"chat_{folder.name}.json"
-    return [Source(folder.name, chat, target)]
+    return [Source(folder.name, folder, target)]
+
+
+def _kinds_in(folder: Path) -> list[Kind]:
+    """The converted kinds whose log folder ``folder`` (a prefix's folder) holds."""
+    return [kind for kind in converted_kinds() if (folder / kind.log.folder).is_dir()]
+
+
+def _one_prefix(folder: Path, kinds: list[Kind], target_path: str | None) -> list[Source]:
+    if target_path is not None:
+        if len(kinds) > 1:
+            found = " and ".join(kind.log.folder for kind in kinds)
+            raise ValueError(
+                f"--target_path names one file but {str(folder)!r} holds {found} logs: "
+                f"choose one with --log_folder {folder}/{kinds[0].log.folder}"
+            )
+        return [Source(folder.name, folder / kinds[0].log.folder, Path(target_path), kinds[0])]
+    return [
+        Source(
+            folder.name,
+            folder / kind.log.folder,
+            folder.parent / f"{kind.log.folder}_{folder.name}.json",
+            kind,
+        )
+        for kind in kinds
+    ]
 
 
 def _every_prefix(root: Path, target_path: str | None) -> list[Source]:
-    names = sorted(d.name for d in root.iterdir() if (d / "chat").is_dir())
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and _kinds_in(d))
     if not names:
-        raise FileNotFoundError(f"no chat logs under {str(root)!r} (expected {root}/<name>/chat)")
+        expected = " or ".join(f"{root}/<name>/{kind.log.folder}" for kind in converted_kinds())
+        raise FileNotFoundError(f"no chat logs under {str(root)!r} (expected {expected})")
     if target_path is not None:
         if len(names) > 1:
             raise ValueError(
                 f"--target_path names one file but {str(root)!r} holds the chat logs of "
                 f"{len(names)} prefixes ({', '.join(names)}): choose one with --log_folder"
             )
-        return [Source(names[0], root / names[0] / "chat", Path(target_path))]
-    return [Source(name, root / name / "chat", root / f"chat_{name}.json") for name in names]
+        return _one_prefix(root / names[0], _kinds_in(root / names[0]), target_path)
+    return [
+        source
+        for name in names
+        for source in _one_prefix(root / name, _kinds_in(root / name), None)
+    ]
 
 
 def log_files(folder: Path) -> list[Path]:
@@ -153,18 +190,6 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _messages(messages: Any) -> list[dict[str, Any]]:
-    """``[{role: content}]``; an assistant turn that only called tools keeps its tool calls."""
-    out = []
-    for message in messages if isinstance(messages, list) else ():
-        if isinstance(message, dict):
-            content = message.get("content")
-            if content is None:
-                content = message.get("tool_calls") or message.get("function_call")
-            out.append({str(message.get("role", "user")): content})
-    return out
-
-
 def _answered(response: dict[str, Any] | None) -> bool:
     if response is None or "assistant" not in response:
         return False
@@ -173,13 +198,14 @@ def _answered(response: dict[str, Any] | None) -> bool:
     return ok and response.get("complete", True) is True
 
 
-def entry(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+def entry(request: dict[str, Any], response: dict[str, Any], kind: Kind = CHAT) -> dict[str, Any]:
+    assert kind.conversation is not None
     out = {
         "datetime": request.get("datetime"),
         "ip": request.get("ip") or request.get("forwarded-for"),  # the latter: old records
         "model": request.get("model"),
         "temperature": request.get("temperature"),
-        "messages": _messages(request.get("messages")),
+        "messages": kind.conversation(request),
         "tools": request.get("tools"),
         "is_tool_calls": bool(response.get("is_tool_calls", False)),
         "assistant": response.get("assistant"),
@@ -190,12 +216,12 @@ def entry(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def join(files: list[Path], target: Path, progress: _Progress) -> Result:
+def join(files: list[Path], target: Path, progress: _Progress, kind: Kind = CHAT) -> Result:
     result = Result(target)
     requests: list[dict[str, Any]] = []
     responses: dict[Any, dict[str, Any]] = {}
     for record in _records(files, result, progress):
-        if "messages" in record:
+        if kind.prompt in record:
             requests.append(record)
         elif ("assistant" in record or "is_tool_calls" in record) and _is_uid(record.get("uid")):
             responses[record["uid"]] = record
@@ -203,7 +229,7 @@ def join(files: list[Path], target: Path, progress: _Progress) -> Result:
         uid = request.get("uid")
         response = responses.get(uid) if _is_uid(uid) else None
         if response is not None and _answered(response):
-            result.entries.append(entry(request, response))
+            result.entries.append(entry(request, response, kind))
         else:
             result.unanswered += 1
     result.written = len(result.entries)

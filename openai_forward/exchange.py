@@ -7,34 +7,25 @@ once; on every other request nothing here is touched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
+from openai_forward.kinds import Kind, kind_of
 from openai_forward.settings import Target
 
-CallKind = Literal["chat", "completion", "embedding"]
+CallKind = Kind  # an entry of the registry of API kinds (:mod:`openai_forward.kinds`)
 Headers = list[tuple[bytes, bytes]]
 
-_KINDS: tuple[tuple[str, CallKind], ...] = (
-    ("/chat/completions", "chat"),
-    ("/completions", "completion"),
-    ("/embeddings", "embedding"),
-)
-
-
-def call_kind(rest: str) -> CallKind | None:
-    """The kind of an OpenAI route, by its path after the prefix (``/v1/chat/completions``)."""
-    for suffix, kind in _KINDS:
-        if rest.endswith(suffix):
-            return kind
-    return None
+# The kind of an OpenAI route (``/v1/chat/completions``), or None: the forwarder's question.
+call_kind = kind_of
 
 
 @dataclass(slots=True)
 class Call:
-    """One chat/completion/embedding request with a JSON object body."""
+    """One request of a known API kind (chat, completion, embedding, responses) with a JSON
+    object body."""
 
     target: Target
-    kind: CallKind
+    kind: Kind
     route: str  # as the client sees it: prefix + rest, no query
     # the parsed body as the client sent it; never changed once parsed: the chat log's writer
     # thread reads it after the call (a feature that needs another body rewrites ``body``)

@@ -144,7 +144,7 @@ class Forwarder:
         route = self._route_prefix + rest.decode("latin-1") if rest else self.target.prefix
         outcome = Outcome(scope.get("method", "GET"), route, self.target.prefix)
         if self._openai:
-            outcome.kind = call_kind(route)
+            outcome.kind = None if (kind := call_kind(route)) is None else kind.name
         if scope["type"] == "websocket":
             try:
                 await self._websocket(scope, receive, send, rest, outcome)

@@ -7,9 +7,9 @@ import time
 import orjson
 import pytest
 
-from openai_forward.cache.answer import chat_from_sse, chat_to_sse, is_document
-from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
+from openai_forward.cache.keys import cache_key, without_caching_field
 from openai_forward.cache.store import pack, unpack
+from openai_forward.kinds.chat import chat_from_sse, chat_to_sse, is_document, wants_usage
 from openai_forward.sse import EventSplitter, event_data
 from tests.fake_openai import TOOL_CALL, _chunk
 

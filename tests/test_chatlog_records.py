@@ -9,9 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from openai_forward.chatlog import KEEP_BYTES, ChatLog
+from openai_forward.chatlog import ChatLog
 from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.exchange import Call
+from openai_forward.kinds import CHAT, COMPLETION, EMBEDDING
 from openai_forward.settings import Target
 
 SSE = [(b"content-type", b"text/event-stream")]
@@ -146,12 +147,12 @@ def tool(index: int, **fields) -> dict:
     ],
 )
 def test_chat_stream_assembly(body: bytes, expected: dict):
-    record = response_record("chat", "u", 200, SSE, body, complete=True)
+    record = response_record(CHAT, "u", 200, SSE, body, complete=True)
     summary = {k: v for k, v in record.items() if k not in ("uid", "status", "cached", "complete")}
     assert summary == expected
     assert record["complete"] is True
     # The same events with CRLF boundaries give the same record.
-    general = response_record("chat", "u", 200, SSE, body.replace(b"\n", b"\r\n"), complete=True)
+    general = response_record(CHAT, "u", 200, SSE, body.replace(b"\n", b"\r\n"), complete=True)
     assert general == record
 
 
@@ -163,13 +164,13 @@ def test_choices_usage_and_error_in_stream():
         delta(0, content="a", finish="length"),
         {"choices": [], "usage": {"total_tokens": 9}},
     )
-    record = response_record("chat", "u", 200, SSE, body, complete=True)
+    record = response_record(CHAT, "u", 200, SSE, body, complete=True)
     assert record["assistant"] == "Aa" and record["finish_reason"] == "length"
     assert [c["assistant"] for c in record["choices"]] == ["Aa", "Bb"]
     assert record["usage"] == {"total_tokens": 9}
 
     broken = sse(delta(content="par"), {"error": {"message": "overloaded"}}, done=False)
-    record = response_record("chat", "u", 200, SSE, broken, complete=True)
+    record = response_record(CHAT, "u", 200, SSE, broken, complete=True)
     assert record["assistant"] == "par" and record["error"] == "overloaded"
 
 
@@ -182,7 +183,7 @@ def test_choices_usage_and_error_in_stream():
     ],
 )
 def test_malformed_events_are_skipped_and_mark_the_record(body: bytes, complete: bool):
-    record = response_record("chat", "u", 200, SSE, body, complete=True)
+    record = response_record(CHAT, "u", 200, SSE, body, complete=True)
     assert record["assistant"] == "ab" and record["complete"] is complete
 
 
@@ -199,7 +200,7 @@ def test_non_stream_answers_and_errors():
             "usage": {"total_tokens": 3},
         }
     )
-    record = response_record("chat", "u", 200, JSON, body, complete=True)
+    record = response_record(CHAT, "u", 200, JSON, body, complete=True)
     assert record == {
         "assistant": "hi",
         "is_tool_calls": False,
@@ -211,7 +212,7 @@ def test_non_stream_answers_and_errors():
         "complete": True,
     }
     gz = response_record(
-        "chat",
+        CHAT,
         "u",
         200,
         [*JSON, (b"content-encoding", b"gzip")],
@@ -219,29 +220,27 @@ def test_non_stream_answers_and_errors():
         complete=True,
     )
     assert gz == record
-    hit = response_record("chat", "u", 200, [*JSON, (b"x-cache", b"HIT")], body, complete=True)
+    hit = response_record(CHAT, "u", 200, [*JSON, (b"x-cache", b"HIT")], body, complete=True)
     assert hit["cached"] is True
 
     error = orjson.dumps({"error": {"message": "model not found", "type": "invalid_request_error"}})
-    record = response_record("chat", "u", 404, JSON, error, complete=True)
+    record = response_record(CHAT, "u", 404, JSON, error, complete=True)
     assert record["status"] == 404 and record["error"] == "model not found"
     assert record["assistant"] == "" and record["complete"] is True
     record = response_record(
-        "chat", "u", 502, [(b"content-type", b"text/html")], b"<h1>Bad</h1>", complete=True
+        CHAT, "u", 502, [(b"content-type", b"text/html")], b"<h1>Bad</h1>", complete=True
     )
     assert record["error"] == "<h1>Bad</h1>"
 
     text = orjson.dumps({"choices": [{"index": 0, "text": "done", "finish_reason": "stop"}]})
-    record = response_record("completion", "u", 200, JSON, text, complete=True)
+    record = response_record(COMPLETION, "u", 200, JSON, text, complete=True)
     assert record["assistant"] == "done" and record["finish_reason"] == "stop"
     stream = sse(
         {"choices": [{"index": 0, "text": "do"}]}, {"choices": [{"index": 0, "text": "ne"}]}
     )
-    assert (
-        response_record("completion", "u", 200, SSE, stream, complete=True)["assistant"] == "done"
-    )
+    assert response_record(COMPLETION, "u", 200, SSE, stream, complete=True)["assistant"] == "done"
 
-    none = response_record("chat", "u", None, [], b"", complete=False)
+    none = response_record(CHAT, "u", None, [], b"", complete=False)
     assert none["status"] is None and none["assistant"] == "" and none["complete"] is False
 
 
@@ -250,7 +249,7 @@ def test_embedding_usage_without_parsing_vectors():
     body = orjson.dumps(
         {"object": "list", "data": vectors, "usage": {"prompt_tokens": 40, "total_tokens": 40}}
     )
-    record = response_record("embedding", "u", 200, JSON, body, complete=True)
+    record = response_record(EMBEDDING, "u", 200, JSON, body, complete=True)
     assert record == {
         "uid": "u",
         "usage": {"prompt_tokens": 40, "total_tokens": 40},
@@ -265,19 +264,19 @@ def _call(kind, payload) -> Call:
 
 
 async def test_an_answer_too_long_to_keep_is_marked_truncated(tmp_path: Path):
-    """Past KEEP_BYTES the observer keeps only the end: the record says so, with the text that
+    """Past its kind's keep_bytes the observer keeps only the end: the record says so, with the text that
     was kept, and the usage and finish reason from the tail."""
     chatlog = ChatLog(tmp_path, None, [])
     await chatlog.open()
-    observer = chatlog.request(_call("chat", {"model": "m", "messages": [], "stream": True}))
+    observer = chatlog.request(_call(CHAT, {"model": "m", "messages": [], "stream": True}))
     observer.start(200, SSE)
     event = sse(delta(content="x" * 1000), done=False)
-    for _ in range(KEEP_BYTES["chat"] // len(event) + 200):
+    for _ in range(CHAT.log.keep_bytes // len(event) + 200):
         observer.feed(event)
     observer.feed(sse(delta(finish="stop"), {"choices": [], "usage": {"total_tokens": 1}}))
     observer.close(True)
 
-    embedding = chatlog.request(_call("embedding", {"model": "e", "input": "x"}))
+    embedding = chatlog.request(_call(EMBEDDING, {"model": "e", "input": "x"}))
     embedding.start(200, JSON)
     body = orjson.dumps({"data": [{"embedding": [0.5] * 200_000}], "usage": {"total_tokens": 2}})
     for i in range(0, len(body), 65536):
@@ -290,7 +289,7 @@ async def test_an_answer_too_long_to_keep_is_marked_truncated(tmp_path: Path):
     assert request["ip"] == "1.2.3.4" and len(request["datetime"]) == 19
     assert response["truncated"] is True and response["complete"] is False
     assert response["finish_reason"] == "stop" and response["usage"] == {"total_tokens": 1}
-    assert len(response["assistant"]) > KEEP_BYTES["chat"] // 2
+    assert len(response["assistant"]) > CHAT.log.keep_bytes // 2
     lines = (tmp_path / "openai/embedding/embedding.log").read_bytes().splitlines()
     response = orjson.loads(lines[1])
     assert response["usage"] == {"total_tokens": 2}
@@ -309,7 +308,7 @@ async def test_an_answer_too_long_to_keep_is_marked_truncated(tmp_path: Path):
     ],
 )
 def test_odd_shapes_never_break_a_record(chunk: dict):
-    record = response_record("chat", "u", 200, SSE, sse(chunk), complete=True)
+    record = response_record(CHAT, "u", 200, SSE, sse(chunk), complete=True)
     assert record["uid"] == "u" and isinstance(record["assistant"], str | list)
 
 
@@ -347,7 +346,7 @@ def _record(assistant, finish_reason, **rest) -> list[tuple[str, object]]:
 )
 def test_the_usual_chat_answer_gives_its_record_in_a_fixed_key_order(answer, expected):
     """The record is the line written to the log: its keys come in a fixed order."""
-    record = response_record("chat", "u1", 200, JSON, orjson.dumps(answer), complete=True)
+    record = response_record(CHAT, "u1", 200, JSON, orjson.dumps(answer), complete=True)
     assert list(record.items()) == expected
 
 
@@ -362,7 +361,7 @@ def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_bod
         "metadata": {"x": 1},  # not a field the record keeps
         "max_tokens": 5,
     }
-    record = request_record("chat", payload, "10.0.0.1", "uid-1", None)
+    record = request_record(CHAT, payload, "10.0.0.1", "uid-1", None)
     assert list(record) == [
         "messages",
         "model",
@@ -376,5 +375,5 @@ def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_bod
         "uid",
     ]
     assert record["stream"] is False and record["tools"] is None and record["seed"] == 7
-    plain = request_record("embedding", {"input": "a", "model": "e"}, "ip", "u", "kh")
+    plain = request_record(EMBEDDING, {"input": "a", "model": "e"}, "ip", "u", "kh")
     assert plain == {"input": "a", "model": "e", "ip": "ip", "uid": "u", "key_hash": "kh"}

@@ -1,7 +1,9 @@
 """The response cache: a repeated request is answered without the upstream.
 
-:meth:`ResponseCache.begin` gives each cacheable call a ticket. A hit replays the stored answer
-(JSON, or SSE for a stream request, whichever form filled the entry). A miss watches the relayed
+:meth:`ResponseCache.begin` gives each cacheable call a ticket. What a kind's answers look like,
+how a stream of them ends and how an entry is replayed is the kind's own
+(:class:`openai_forward.kinds.CacheRules`). A hit replays the stored answer (JSON, or SSE for a
+stream request, whichever form filled the entry). A miss watches the relayed
 answer and stores it once it is whole and 2xx. Identical misses in one process are coalesced:
 the first call goes upstream, the others wait for its answer (single flight). The backend is a
 byte store chosen by ``CACHE_BACKEND`` (:mod:`openai_forward.cache.store`); when it fails at run
@@ -17,7 +19,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from openai_forward.cache.keys import cache_key, wants_usage, without_caching_field
+from openai_forward.cache.keys import cache_key, without_caching_field
 from openai_forward.cache.store import (
     ON_DISK,
     Store,
@@ -27,8 +29,9 @@ from openai_forward.cache.store import (
     store_path,
     unpack,
 )
-from openai_forward.cache.tickets import Hit, Miss, Ticket
-from openai_forward.exchange import Call, CallKind
+from openai_forward.cache.tickets import Bypass, Hit, Miss, Ticket
+from openai_forward.exchange import Call
+from openai_forward.kinds import Kind, cached_kinds
 from openai_forward.settings import ConfigError, Settings
 
 __all__ = ["ResponseCache", "Ticket", "build_cache", "check_startup"]
@@ -44,7 +47,7 @@ class ResponseCache:
     def __init__(
         self,
         store: Store,
-        kinds: frozenset[CallKind],
+        kinds: frozenset[Kind],
         read_by_default: bool,
         ttl: float | None,
         *,
@@ -87,23 +90,26 @@ class ResponseCache:
             logger.warning("Closing the %s cache failed: %s", self.store.name, exc)
 
     async def begin(self, call: Call) -> Ticket | None:
-        """The call's ticket (may wait for an identical call in flight), or None when this call
-        may not use the cache. Rewrites ``call.body`` without the ``caching`` field: while the
-        cache is on, every call of an openai-type target comes here, so that field of ours does
-        not reach the upstream."""
+        """The call's ticket (may wait for an identical call in flight), or None when its kind
+        is not cached. A call its kind keeps out of the cache (a Responses call that continues a
+        stored one, say) gets a ticket that neither reads nor stores. Rewrites ``call.body``
+        without the ``caching`` field: while the cache is on, every call of an openai-type
+        target comes here, so that field of ours does not reach the upstream."""
         payload = call.payload
         body = without_caching_field(payload)
         if body is not None:
             call.body = body
-        if call.kind not in self._kinds:
+        rules = call.kind.cache if call.kind in self._kinds else None
+        if rules is None:
             return None
-        chat = call.kind == "chat"
+        if not rules.allows(payload):
+            return Bypass()
         flag = payload.get("caching")
         key = cache_key(call.target.base_url, call.route, call.query, payload)
         reads = flag if isinstance(flag, bool) else self._read_by_default
         if not reads or (self._members_only and call.user is None):
             # It may not read, but its fresh answer refreshes the entry.
-            return Miss(self._settle, key, None, chat)
+            return Miss(self._settle, key, None, rules)
         answer = self._writing.get(key)
         if answer is None and key not in self._flights:
             answer = await self._read(key)
@@ -113,15 +119,15 @@ class ResponseCache:
             flight = self._flights.get(key)
             if flight is None:
                 flight = self._flights[key] = asyncio.get_running_loop().create_future()
-                return Miss(self._settle, key, flight, chat)
+                return Miss(self._settle, key, flight, rules)
             # Shielded: a follower that goes away must not cancel the others' wait.
             answer = await asyncio.shield(flight)
             if answer is None:
                 # The first call got no storable answer. Followers go upstream together rather
                 # than one after another: an error is likely to repeat, and queueing them would
                 # multiply the wait.
-                return Miss(self._settle, key, None, chat)
-        return Hit(answer, chat, call.stream and wants_usage(payload))
+                return Miss(self._settle, key, None, rules)
+        return Hit(answer, rules, payload)
 
     def _settle(
         self, key: bytes, flight: asyncio.Future[bytes | None] | None, answer: bytes | None
@@ -194,14 +200,9 @@ class ResponseCache:
 def build_cache(settings: Settings) -> ResponseCache | None:
     if not settings.cache_enabled:
         return None
-    kinds: set[CallKind] = set()
-    if settings.cache_chat_completion:
-        kinds.add("chat")
-    if settings.cache_embedding:
-        kinds.add("embedding")
     return ResponseCache(
         build_store(settings),
-        frozenset(kinds),
+        cached_kinds(settings),
         settings.default_request_caching_value,
         settings.cache_ttl,
         members_only=bool(settings.forward_keys),

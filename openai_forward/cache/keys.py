@@ -34,9 +34,3 @@ def without_caching_field(payload: dict[str, Any]) -> bytes | None:
     if "caching" not in payload:
         return None
     return orjson.dumps({name: value for name, value in payload.items() if name != "caching"})
-
-
-def wants_usage(payload: dict[str, Any]) -> bool:
-    """Whether a stream request asked for the final usage chunk (``stream_options``)."""
-    options = payload.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True

@@ -1,13 +1,14 @@
-"""A call's use of the cache: a :class:`Hit` to replay, or a :class:`Miss` that watches the
-upstream's answer go by and hands it to the cache once it is whole."""
+"""A call's use of the cache: a :class:`Hit` to replay, a :class:`Miss` that watches the
+upstream's answer go by and hands it to the cache once it is whole, or a :class:`Bypass`."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from openai_forward.cache.answer import chat_from_sse, chat_to_sse, is_document
 from openai_forward.exchange import Headers, Observer
+from openai_forward.kinds import CacheRules
 from openai_forward.types import Send
 
 X_CACHE_HIT = (b"x-cache", b"HIT")
@@ -42,22 +43,30 @@ class Ticket:
         pass
 
 
+class Bypass(Ticket):
+    """A call its kind keeps out of the cache: it goes upstream, marked as a miss, and its
+    answer is not stored."""
+
+    __slots__ = ()
+    headers = (X_CACHE_MISS,)
+
+
 class Hit(Ticket):
     """A stored answer, sent without the upstream and without any pause."""
 
-    __slots__ = ("_chat", "_usage", "answer")
+    __slots__ = ("_payload", "_rules", "answer")
 
-    def __init__(self, answer: bytes, chat: bool, include_usage: bool) -> None:
+    def __init__(self, answer: bytes, rules: CacheRules, payload: dict[str, Any]) -> None:
         self.answer = answer
-        self._chat = chat
-        self._usage = include_usage
+        self._rules = rules
+        self._payload = payload  # the request's body: options of the replay
 
     async def replay(
         self, send: Send, headers: Headers, stream: bool, observers: Sequence[Observer]
     ) -> None:
         assert self.answer is not None
-        if stream and self._chat:
-            body = chat_to_sse(self.answer, self._usage)
+        if stream and self._rules.to_stream is not None:
+            body = self._rules.to_stream(self.answer, self._payload)
             head = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
@@ -87,11 +96,11 @@ Settle = Callable[[bytes, "asyncio.Future[bytes | None] | None", "bytes | None"]
 
 class Miss(Ticket):
     """Collects a 2xx answer as it is relayed; on a complete body, builds the entry and calls
-    ``settle(key, flight, entry)``. Anything else (error status, broken or cut body, no
-    ``[DONE]``) settles with None: nothing is stored and callers waiting on this one go to the
-    upstream."""
+    ``settle(key, flight, entry)``. Anything else (error status, broken or cut body, a stream
+    that did not end as its kind's streams end) settles with None: nothing is stored and
+    callers waiting on this one go to the upstream."""
 
-    __slots__ = ("_chat", "_chunks", "_collect", "_flight", "_key", "_settle", "_size", "_sse")
+    __slots__ = ("_chunks", "_collect", "_flight", "_key", "_rules", "_settle", "_size", "_sse")
     headers = (X_CACHE_MISS,)
 
     def __init__(
@@ -99,12 +108,12 @@ class Miss(Ticket):
         settle: Settle,
         key: bytes,
         flight: asyncio.Future[bytes | None] | None,
-        chat: bool,
+        rules: CacheRules,
     ) -> None:
         self._settle: Settle | None = settle
         self._key = key
         self._flight = flight
-        self._chat = chat
+        self._rules = rules
         self._chunks: list[bytes] = []
         self._size = 0
         self._collect = False
@@ -138,8 +147,9 @@ class Miss(Ticket):
             chunks = self._chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._sse:
-                entry = chat_from_sse(body) if self._chat else None
-            elif is_document(body, "choices" if self._chat else "data"):
+                from_stream = self._rules.from_stream
+                entry = from_stream(body) if from_stream is not None else None
+            elif self._rules.is_whole(body):
                 entry = body
         self._chunks = []
         settle(self._key, self._flight, entry)

@@ -2,8 +2,9 @@
 
 On the event loop a call costs an id and appending relayed chunks to a list; both records are
 picked (from the parsed body, and from those chunks) and serialized by the writer thread
-(:mod:`openai_forward.chatlog.writer`). Files: ``<LOG_FOLDER>/<name>/<kind>/<kind>.log`` with
-``<name>`` the target's :attr:`~openai_forward.settings.Target.log_name`.
+(:mod:`openai_forward.chatlog.writer`). Files: ``<LOG_FOLDER>/<name>/<folder>/<folder>.log`` with
+``<name>`` the target's :attr:`~openai_forward.settings.Target.log_name` and ``<folder>`` the
+kind's (:class:`openai_forward.kinds.LogRules`), which also says what its records hold.
 """
 
 from __future__ import annotations
@@ -18,15 +19,11 @@ from typing import Any, NamedTuple
 
 from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.chatlog.writer import LogWriter, Render
-from openai_forward.exchange import Call, CallKind, Headers, Observer
+from openai_forward.exchange import Call, Headers, Observer
+from openai_forward.kinds import Kind
 from openai_forward.settings import ConfigError, Settings
 
-# Bytes of an answer kept for its record; past that only its end is kept (``truncated``).
-KEEP_BYTES: dict[CallKind, int] = {
-    "chat": 8 * 1024 * 1024,
-    "completion": 8 * 1024 * 1024,
-    "embedding": 64 * 1024,  # vectors are not logged: the head and the tail (usage) suffice
-}
+# Past its kind's ``keep_bytes`` only the last bytes of an answer are kept (``truncated``).
 TAIL_BYTES = 64 * 1024
 DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -55,7 +52,7 @@ class ChatLog:
         are made in the writer thread (the parsed body is never changed once parsed)."""
         uid = call.uid = f"{self._uid_prefix}{next(self._counter):016x}"
         kind = call.kind
-        path = f"{call.target.log_name}/{kind}/{kind}.log"
+        path = f"{call.target.log_name}/{kind.log.folder}/{kind.log.folder}.log"
         asked = Asked(kind, call.payload, call.client, uid, call.user, time.time())
         observer = AnswerObserver(self, path, asked)
         self._writer.submit(path, observer.request_record)
@@ -78,7 +75,7 @@ class Asked(NamedTuple):
     """What the request record needs. Kept instead of the call, which holds the raw body too:
     that would stay in memory until the writer gets to the record."""
 
-    kind: CallKind
+    kind: Kind
     payload: dict[str, Any]  # the parsed body
     client: str  # the client's address
     uid: str
@@ -90,7 +87,7 @@ class AnswerObserver:
     """Collects the relayed answer of one call; cheap on the loop and never raises.
 
     Until ``start``, ``_status`` is None (no answer came). ``_complete`` is None until
-    ``close``. Past ``KEEP_BYTES`` of its kind only the answer's last ``TAIL_BYTES`` are kept."""
+    ``close``. Past its kind's ``keep_bytes`` only the answer's last ``TAIL_BYTES`` are kept."""
 
     __slots__ = (
         "_asked",
@@ -109,7 +106,7 @@ class AnswerObserver:
         self._log = log
         self._path = path
         self._asked = asked
-        self._keep = KEEP_BYTES[asked.kind]
+        self._keep = asked.kind.log.keep_bytes
         self._status: int | None = None
         self._headers: tuple[tuple[bytes, bytes], ...] = ()
         self._chunks: list[bytes] = []

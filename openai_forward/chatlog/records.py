@@ -1,95 +1,39 @@
 """Chat log records: pure functions from a call and its answer to JSON-ready dicts.
 
 No I/O and no clock. Both records are made in the chat log's writer thread: the request record
-is picked from the parsed body, the response record assembled from the answer's raw bytes.
+is picked from the parsed body, the response record assembled from the answer's raw bytes. Which
+fields, and how an answer is read, is the kind's (:class:`~openai_forward.kinds.LogRules`).
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
-from openai_forward.chatlog.answers import (
-    ERROR_TEXT_LIMIT,
-    Answer,
-    Choice,
-    read_json,
-    read_stream,
-)
-from openai_forward.exchange import CallKind
-
-# Body fields that shape an answer, copied into the request record when the client sent them.
-_SAMPLING = (
-    "temperature",
-    "top_p",
-    "n",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "seed",
-    "reasoning_effort",
-)
-_OPTIONAL: dict[CallKind, tuple[str, ...]] = {
-    "chat": (
-        *_SAMPLING,
-        "tool_choice",
-        "parallel_tool_calls",
-        "functions",
-        "function_call",
-        "response_format",
-        "user",
-    ),
-    "completion": ("suffix", *_SAMPLING, "best_of", "echo", "user"),
-    "embedding": ("encoding_format", "dimensions", "user"),
-}
-_CONTENT: dict[CallKind, str] = {"chat": "messages", "completion": "prompt", "embedding": "input"}
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+from openai_forward.kinds import Kind
+from openai_forward.kinds.record import ERROR_TEXT_LIMIT, Answer, usage_only
 
 
 def request_record(
-    kind: CallKind, payload: dict[str, Any], client: str, uid: str, user: str | None
+    kind: Kind, payload: dict[str, Any], client: str, uid: str, user: str | None
 ) -> dict[str, Any]:
     """What the client asked (a call's parsed body, address, id and forward key hash): never a
     header, so never a key (``datetime`` is added by the log)."""
-    content = _CONTENT[kind]
-    record: dict[str, Any] = {content: payload.get(content), "model": payload.get("model")}
-    if kind != "embedding":
-        record["stream"] = payload.get("stream") is True
-    for name in _OPTIONAL[kind]:  # in this order, whatever the order of the body
+    rules = kind.log
+    record: dict[str, Any] = {}
+    for name in rules.head:
+        record[name] = payload.get("stream") is True if name == "stream" else payload.get(name)
+    for name in rules.optional:  # in this order, whatever the order of the body
         if name in payload:
             record[name] = payload[name]
-    if kind == "chat":
-        record["tools"] = payload.get("tools")
+    for name in rules.tail:
+        record[name] = payload.get(name)
     record["ip"] = client
     record["uid"] = uid
     if user is not None:
         record["key_hash"] = user  # which forward key: its hash, never the key
     return record
-
-
-def _usage_only(body: bytes, tail: bytes) -> Answer:
-    """Only the ``usage`` of a JSON answer, found near either end without parsing the rest: an
-    embedding answer is mostly vectors (megabytes of floats for a batch), which are not logged."""
-    answer = Answer()
-    for part in (tail[-8192:], body[-8192:], body[:8192]):
-        found = _USAGE.search(part)
-        if found is not None:
-            try:
-                usage = orjson.loads(found.group(1))
-            except orjson.JSONDecodeError:
-                continue
-            answer.usage = usage if isinstance(usage, dict) else None
-            break
-    return answer
 
 
 def _decoded(body: bytes, encoding: bytes) -> bytes | None:
@@ -106,7 +50,7 @@ def _decoded(body: bytes, encoding: bytes) -> bytes | None:
 
 
 def response_record(
-    kind: CallKind,
+    kind: Kind,
     uid: str,
     status: int | None,
     headers: Sequence[tuple[bytes, bytes]],
@@ -120,33 +64,28 @@ def response_record(
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
     named = dict(reversed(headers))  # name -> value of the first header of that name
     ok = status is not None and 200 <= status < 300
-    if kind == "embedding" and ok:
-        truncated = False  # by design: only the ends of a batch of vectors are kept
+    if kind.log.usage_only and ok:
+        truncated = False  # by design: only the ends of the answer are kept
     answer = _read_answer(kind, ok, named, body, tail, truncated)
     if status is not None and not ok and answer.error is None:
         answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
-    record: dict[str, Any] = {}
-    if kind != "embedding":
-        summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
-        record.update(summaries[0] if summaries else Choice().summary())
-        if len(summaries) > 1:
-            record["choices"] = summaries
-    usage, error, malformed = answer.usage, answer.error, answer.malformed
+    record = kind.log.summary(answer)
     record["uid"] = uid
-    if usage is not None:
-        record["usage"] = usage
+    if answer.usage is not None:
+        record["usage"] = answer.usage
     record["status"] = status
     record["cached"] = named.get(b"x-cache", b"").upper() == b"HIT"
-    record["complete"] = complete and not truncated and not (ok and malformed)
-    if error is not None:
-        record["error"] = error
+    unread = ok and (answer.malformed or not answer.finished)
+    record["complete"] = complete and not truncated and not unread
+    if answer.error is not None:
+        record["error"] = answer.error
     if truncated:
         record["truncated"] = True
     return record
 
 
 def _read_answer(
-    kind: CallKind,
+    kind: Kind,
     ok: bool,
     headers: dict[bytes, bytes],
     body: bytes,
@@ -160,10 +99,10 @@ def _read_answer(
         return Answer(error="undecodable content-encoding")
     if decoded is not body:
         tail = b""  # the end of a compressed stream cannot be decoded on its own
-    if kind == "embedding" and ok:
-        return _usage_only(decoded, tail)
+    if kind.log.usage_only and ok:
+        return usage_only(decoded, tail)
     if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
-        return read_stream(decoded, tail, kind)
+        return kind.log.read_stream(decoded, tail)
     if truncated:
-        return _usage_only(decoded, tail)  # a whole JSON answer over the limit: only its usage
-    return read_json(decoded, kind)
+        return usage_only(decoded, tail)  # a whole JSON answer over the limit: only its usage
+    return kind.log.read_json(decoded)

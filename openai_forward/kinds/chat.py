@@ -1,9 +1,9 @@
-"""Stored answers (pure): built from a whole upstream body, rendered as JSON or as SSE.
+"""Chat completions in the cache and in ``aifd convert`` (pure).
 
 An entry holds one JSON document whatever form filled it: the upstream's own bytes for a JSON
-answer, or a ``chat.completion`` assembled from the deltas of a stream. A non-stream hit sends it
-as it is; a stream hit renders it as chunks (role, content, tool calls, finish, ``[DONE]``) that
-an SDK reassembles into the same message.
+answer, or a ``chat.completion`` assembled from the deltas of a stream, which ends with
+``data: [DONE]``. A non-stream hit sends it as it is; a stream hit renders it as chunks (role,
+content, tool calls, finish, ``[DONE]``) that an SDK reassembles into the same message.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def is_document(body: bytes, list_field: str) -> bool:
         and "error" not in answer
         and isinstance(answer.get(list_field), list)
     )
+
+
+def is_chat_completion(body: bytes) -> bool:
+    return is_document(body, "choices")
+
+
+def is_embedding_list(body: bytes) -> bool:
+    return is_document(body, "data")
 
 
 def chat_from_sse(body: bytes) -> bytes | None:
@@ -182,6 +190,17 @@ def _merge_call(call: dict[str, Any], delta: dict[str, Any]) -> None:
         call.setdefault("arguments", "")
 
 
+def wants_usage(payload: dict[str, Any]) -> bool:
+    """Whether a stream request asked for the final usage chunk (``stream_options``)."""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def replay(entry: bytes, payload: dict[str, Any]) -> bytes:
+    """The stream a stream request gets from a stored chat completion."""
+    return chat_to_sse(entry, wants_usage(payload))
+
+
 def chat_to_sse(body: bytes, include_usage: bool = False) -> bytes:
     """A well-formed stream for a stored chat completion, ending in ``data: [DONE]``."""
     answer = orjson.loads(body)
@@ -222,3 +241,17 @@ def chat_to_sse(body: bytes, include_usage: bool = False) -> bytes:
         out.append(b"\n\n")
     out.append(b"data: [DONE]\n\n")
     return b"".join(out)
+
+
+def conversation(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request record's ``messages`` as ``[{role: content}]``; an assistant turn that only
+    called tools keeps its tool calls."""
+    messages = request.get("messages")
+    out = []
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            content = message.get("content")
+            if content is None:
+                content = message.get("tool_calls") or message.get("function_call")
+            out.append({str(message.get("role", "user")): content})
+    return out

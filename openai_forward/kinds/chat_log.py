@@ -1,4 +1,5 @@
-"""Assembling an answer from what the upstream sent: SSE deltas or a whole JSON body.
+"""The chat log's reading of ``choices`` answers (chat completions, legacy completions): SSE
+chunks or a whole JSON body.
 
 Pure and forgiving: any shape of chunk is tolerated; what cannot be read is skipped and flagged
 (``malformed``), so a record of what did arrive can always be written.
@@ -6,61 +7,12 @@ Pure and forgiving: any shape of chunk is tolerated; what cannot be read is skip
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from openai_forward.exchange import CallKind
+from openai_forward.kinds.record import Answer, Choice
 from openai_forward.sse import DONE, parse_data, split_stream, stream_data
-
-ERROR_TEXT_LIMIT = 2000
-
-
-@dataclass(slots=True)
-class Choice:
-    """One choice of an answer, as assembled so far."""
-
-    parts: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    finish_reason: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        text = "".join(self.parts)
-        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        out: dict[str, Any] = {
-            "assistant": calls if calls else text,
-            "is_tool_calls": bool(calls),
-            "finish_reason": self.finish_reason,
-        }
-        if calls and text:
-            out["content"] = text  # text said alongside the tool calls
-        if self.reasoning:
-            out["reasoning"] = "".join(self.reasoning)
-        return out
-
-
-@dataclass(slots=True)
-class Answer:
-    choices: dict[int, Choice] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
-    error: str | None = None
-    malformed: bool = False
-
-    def choice(self, index: Any) -> Choice:
-        if not isinstance(index, int):
-            index = 0
-        found = self.choices.get(index)
-        if found is None:
-            found = self.choices[index] = Choice()
-        return found
-
-    def take_error(self, error: Any) -> None:
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        text = error if isinstance(error, str) else orjson.dumps(error).decode()
-        self.error = text[:ERROR_TEXT_LIMIT]
 
 
 def _add_tool_call_delta(choice: Choice, position: int, delta: Any) -> None:
@@ -106,8 +58,9 @@ def _add_message(choice: Choice, message: dict[str, Any]) -> None:
         _add_tool_call_delta(choice, 0, {"function": message["function_call"]})
 
 
-def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bool) -> None:
-    """One streamed chunk (``chat.completion.chunk``, ``text_completion``) or a whole answer."""
+def _add_object(answer: Answer, data: dict[str, Any], field: str) -> None:
+    """One streamed chunk (``chat.completion.chunk``, ``text_completion``) or a whole answer;
+    ``field`` holds each choice's part: ``delta``, ``message`` or a completion's ``text``."""
     if "usage" in data and isinstance(data["usage"], dict):
         answer.usage = data["usage"]
     if "error" in data:
@@ -115,7 +68,6 @@ def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bo
     choices = data.get("choices")
     if not isinstance(choices, list):
         return
-    field = "text" if kind == "completion" else "delta" if stream else "message"
     for item in choices:
         if not isinstance(item, dict):
             continue
@@ -130,31 +82,37 @@ def _add_object(answer: Answer, kind: CallKind, data: dict[str, Any], stream: bo
             choice.parts.append(value)
 
 
-def read_stream(head: bytes, tail: bytes, kind: CallKind) -> Answer:
-    """An answer assembled from a stream body. ``tail`` is the end of a body too long to keep
-    whole (``head`` is its start): it begins mid-event, so its first, partial event is skipped."""
+def stream_objects(head: bytes, tail: bytes, answer: Answer) -> list[Any]:
+    """The JSON values of a stream's events, ``[DONE]`` left out. ``tail`` is the end of a body
+    too long to keep whole (``head`` is its start): it begins mid-event, so its first, partial
+    event is skipped. An event that is not JSON is skipped and marks ``answer`` malformed."""
     payloads = stream_data(split_stream(head))
     if tail:
         payloads += stream_data(split_stream(tail)[1:])
     payloads = [data for data in payloads if data and data != DONE]
-    answer = Answer()
-    chunks = parse_data(payloads)
-    if chunks is None:  # some event is not JSON: skip it, and say so
-        chunks = []
+    values = parse_data(payloads)
+    if values is None:  # some event is not JSON: skip it, and say so
+        values = []
         for payload in payloads:
             try:
-                chunks.append(orjson.loads(payload))
+                values.append(orjson.loads(payload))
             except orjson.JSONDecodeError:
                 answer.malformed = True
-    for chunk in chunks:
+    return values
+
+
+def read_stream(head: bytes, tail: bytes, field: str = "delta") -> Answer:
+    """An answer assembled from a stream body (see :func:`stream_objects` for ``tail``)."""
+    answer = Answer()
+    for chunk in stream_objects(head, tail, answer):
         if isinstance(chunk, dict):
-            _add_object(answer, kind, chunk, stream=True)
+            _add_object(answer, chunk, field)
         else:
             answer.malformed = True
     return answer
 
 
-def read_json(body: bytes, kind: CallKind) -> Answer:
+def read_json(body: bytes, field: str = "message") -> Answer:
     """An answer from a whole (non-stream) JSON body."""
     answer = Answer()
     try:
@@ -162,7 +120,25 @@ def read_json(body: bytes, kind: CallKind) -> Answer:
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
-        _add_object(answer, kind, data, stream=False)
+        _add_object(answer, data, field)
     else:
         answer.malformed = True
     return answer
+
+
+def read_completion_stream(head: bytes, tail: bytes) -> Answer:
+    return read_stream(head, tail, "text")
+
+
+def read_completion_json(body: bytes) -> Answer:
+    return read_json(body, "text")
+
+
+def summary(answer: Answer) -> dict[str, Any]:
+    """The first choice's ``assistant``, ``is_tool_calls`` and ``finish_reason`` (and its
+    ``content`` and ``reasoning`` when there are); with several choices, each one's too."""
+    summaries = [answer.choices[i].summary() for i in sorted(answer.choices)]
+    out = dict(summaries[0] if summaries else Choice().summary())
+    if len(summaries) > 1:
+        out["choices"] = summaries
+    return out
