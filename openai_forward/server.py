@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import gc
+import signal
+import sys
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
+from uvicorn.supervisors import Multiprocess
 
 from openai_forward.protocol import ClientBounds, bounded_protocol
 from openai_forward.settings import ConfigError, Settings
@@ -94,8 +97,27 @@ def worker_app() -> ProxyApp:
     return app
 
 
+def _exit_0(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+class _Config(uvicorn.Config):
+    """uvicorn's configuration, making every process it starts exit 0 after a SIGTERM.
+
+    Once its graceful shutdown is done, uvicorn restores the SIGTERM handler that was in place
+    before it started and raises the signal again: with the default handler the process dies of
+    it (status -15, 143 in a shell; ``docker stop`` and systemd report a failure). Configuring
+    logging is the first thing uvicorn does in each process it starts (the server's, and every
+    worker's), before it saves those handlers: the handler put in place here exits 0 instead.
+    """
+
+    def configure_logging(self) -> None:
+        super().configure_logging()
+        signal.signal(signal.SIGTERM, _exit_0)
+
+
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
-    uvicorn.run(
+    config = _Config(
         "openai_forward.server:worker_app",
         factory=True,
         host=host,
@@ -109,3 +131,13 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
             "http": "openai_forward.protocol:BoundedProtocol",
         },
     )
+    try:
+        if workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            server = uvicorn.Server(config)
+            server.run()
+            if not server.started:
+                sys.exit(3)  # as uvicorn.run: the server could not start
+    except KeyboardInterrupt:
+        pass

@@ -33,12 +33,6 @@ from tests.deploy_helpers import (
 )
 
 SHUTDOWN_TIMEOUT = 3
-# What still fails (reported to the owner of openai_forward/server.py): uvicorn (0.29 and later)
-# re-raises the SIGTERM it caught once its graceful shutdown is done, with the default handler
-# back in place, so every serving process dies of that signal (status -15, 143 in a shell)
-# instead of exiting 0. Only exactly that is let through as an expected failure; once fixed,
-# the tests pass as they are.
-KNOWN_GAP = "the process dies of the SIGTERM uvicorn re-raises after a graceful shutdown (-15)"
 STREAMS = 20
 EVENTS = 20  # per stream, 0.075 s apart: about 1.5 s
 
@@ -127,8 +121,6 @@ async def test_sigterm_lets_streams_in_flight_finish_and_exits_0(
 
     assert took < SHUTDOWN_TIMEOUT + 3, f"{took:.1f} s from SIGTERM to exit"
     assert "Finished server process" in output  # the graceful shutdown ran to its end
-    if status == -signal.SIGTERM:
-        pytest.xfail(KNOWN_GAP)
     assert status == 0, f"exit status {status} (negative: killed by that signal)\n{output}"
 
 
@@ -201,6 +193,4 @@ async def test_workers_end_on_sigterm_to_the_master(
     assert exits.get(str(dead)) == str(-signal.SIGKILL), output
     assert status == 0, f"master exit status {status}\n{output}"
     statuses = {pid: exits.get(str(pid)) for pid in workers}
-    if set(statuses.values()) == {str(-signal.SIGTERM)}:
-        pytest.xfail(KNOWN_GAP)
     assert statuses == {pid: "0" for pid in workers}
