@@ -83,7 +83,8 @@ def convert(
         if result.unreadable:
             notes.append(f"{result.unreadable} unreadable line(s) skipped")
         extra = f" ({'; '.join(notes)})" if notes else ""
-        console.print(f"{result.target}: {result.written} conversation(s){extra}", highlight=False)
+        line = f"{result.target}: {result.written} conversation(s){extra}"
+        console.print(line, highlight=False, soft_wrap=True)  # one line, however narrow
     return results
 
 

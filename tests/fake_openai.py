@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -180,8 +182,163 @@ async def files(request: web.Request) -> web.Response:
     )
 
 
+# --- The Responses API ---------------------------------------------------------------------
+
+RESPONSE_CALL = {
+    "type": "function_call",
+    "id": "fc_1",
+    "call_id": "call_1",
+    "name": "get_weather",
+    "arguments": '{"city": "Paris", "unit": "c"}',
+    "status": "completed",
+}
+RESPONSE_USAGE = {
+    "input_tokens": 5,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 7,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 12,
+}
+_response_ids = itertools.count(1)
+
+
+def _input_text(body: dict) -> str:
+    """The text of an input string, or of the last input message that has some."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return given
+    for item in reversed(given if isinstance(given, list) else []):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def response_object(body: dict, status: str = "completed") -> dict[str, Any]:
+    """A response as the API gives it: a text message, or a function call when the request
+    has tools. Each one made has an id of its own (``resp_1``, ``resp_2``, ...)."""
+    text = f"echo: {_input_text(body)}"
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+    return {
+        "id": f"resp_{next(_response_ids)}",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body.get("model", "gpt-test"),
+        "output": [dict(RESPONSE_CALL) if body.get("tools") else message],
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store", True),
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools", []),
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": RESPONSE_USAGE,
+        "user": None,
+        "metadata": {},
+    }
+
+
+def event(kind: str, number: int, **fields: Any) -> bytes:
+    data = orjson.dumps({"type": kind, "sequence_number": number, **fields})
+    return f"event: {kind}\n".encode() + b"data: " + data + b"\n\n"
+
+
+def response_events(body: dict, end: str = "completed") -> list[bytes]:
+    """The typed events of a streamed response, as the API sends them: the text in word
+    deltas, a function call's arguments in slices of 7 characters. ``end``: ``completed``,
+    ``incomplete`` or ``failed`` (the last event), ``error`` (an error event instead), or
+    ``none`` (no last event at all)."""
+    final = response_object(body)
+    if end in ("incomplete", "failed"):
+        final["status"] = end
+    if end == "incomplete":
+        final["incomplete_details"] = {"reason": "max_output_tokens"}
+    if end == "failed":
+        final["error"] = {"code": "server_error", "message": "The model failed"}
+    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    events: list[tuple[str, dict]] = [
+        ("response.created", {"response": start}),
+        ("response.in_progress", {"response": start}),
+    ]
+    item = final["output"][0]
+    if item["type"] == "function_call":
+        where = {"item_id": item["id"], "output_index": 0}
+        added = {**item, "arguments": "", "status": "in_progress"}
+        events.append(("response.output_item.added", {"output_index": 0, "item": added}))
+        arguments = item["arguments"]
+        for i in range(0, len(arguments), 7):
+            events.append(
+                ("response.function_call_arguments.delta", {**where, "delta": arguments[i : i + 7]})
+            )
+        events.append(("response.function_call_arguments.done", {**where, "arguments": arguments}))
+    else:
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        added = {**item, "status": "in_progress", "content": []}
+        events.append(("response.output_item.added", {"output_index": 0, "item": added}))
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        events.append(("response.content_part.added", {**where, "part": part}))
+        text = item["content"][0]["text"]
+        words = text.split(" ")
+        for number, word in enumerate(words):
+            delta = word if number == 0 else " " + word
+            events.append(("response.output_text.delta", {**where, "delta": delta, "logprobs": []}))
+        events.append(("response.output_text.done", {**where, "text": text, "logprobs": []}))
+        events.append(("response.content_part.done", {**where, "part": item["content"][0]}))
+    events.append(("response.output_item.done", {"output_index": 0, "item": item}))
+    if end == "error":
+        events.append(("error", {"code": "server_error", "message": "overloaded", "param": None}))
+    elif end != "none":
+        events.append((f"response.{end}", {"response": final}))
+    return [event(kind, number, **fields) for number, (kind, fields) in enumerate(events)]
+
+
+def responses_ending(end: str = "completed", cut: bool = False):
+    """A ``/v1/responses`` handler: JSON for a non-stream request (with the status ``end``
+    gives), else the events of :func:`response_events`; ``cut``: the connection is closed
+    instead of ending the stream."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        if not body.get("stream"):
+            status = end if end in ("incomplete", "failed") else "completed"
+            return web.json_response(response_object(body, status))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        for chunk in response_events(body, end):
+            await response.write(chunk)
+        if cut:
+            await asyncio.sleep(0.05)
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+responses = responses_ending()
+
+
 def install(upstream: RecordingUpstream) -> RecordingUpstream:
     upstream.route("/v1/chat/completions", chat)
+    upstream.route("/v1/responses", responses)
     upstream.route("/v1/completions", completions)
     upstream.route("/v1/embeddings", embeddings)
     upstream.route("/v1/models", models)

@@ -260,3 +260,81 @@ def test_odd_literals_of_old_lines_still_convert(tmp_path: Path):
     assert item["messages"] == [{"user": "raw"}] and item["tools"] == [1, 2]
     assert item["ip"] == "10.1.1.1" and item["temperature"] == "1j"
     assert item["assistant"] == ["t", "u"]
+
+
+def write_log(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{folder.name}.log").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+
+
+def responses_records(uid: str, text: str, complete: bool = True) -> list[dict]:
+    request = {
+        "input": [{"role": "user", "content": text}],
+        "instructions": "be brief",
+        "model": "m",
+        "stream": False,
+        "tools": None,
+        "ip": "127.0.0.1",
+        "uid": uid,
+        "datetime": "2026-01-01 00:00:00",
+    }
+    response = {
+        "assistant": f"echo: {text}",
+        "is_tool_calls": False,
+        "response_id": f"resp_{uid}",
+        "response_status": "completed" if complete else "incomplete",
+        "uid": uid,
+        "status": 200,
+        "cached": False,
+        "complete": complete,
+    }
+    return [request, response]
+
+
+def test_convert_responses_logs_beside_chat_logs(tmp_path: Path):
+    root = tmp_path / "Log"
+    write_log(root / "openai" / "responses", responses_records("r1", "one"))
+    write_log(root / "openai" / "chat", original_lines_as_json("c1", "two"))
+    write_log(root / "team" / "responses", responses_records("r2", "three", complete=False))
+    out = io.StringIO()
+    results = convert(str(root), console=Console(file=out, width=40))
+    assert [(r.target.name, r.written, r.unanswered) for r in results] == [
+        ("chat_openai.json", 1, 0),
+        ("responses_openai.json", 1, 0),
+        ("responses_team.json", 0, 1),
+    ]
+    # a summary line is never wrapped, however narrow the console
+    assert (
+        "Log/responses_team.json: 0 conversation(s) (1 without a complete answer left out)\n"
+        in (out.getvalue().replace(str(tmp_path) + "/", ""))
+    )
+    [entry] = orjson.loads((root / "responses_openai.json").read_bytes())
+    assert entry == {
+        "datetime": "2026-01-01 00:00:00",
+        "ip": "127.0.0.1",
+        "model": "m",
+        "temperature": None,
+        "messages": [{"system": "be brief"}, {"user": "one"}],
+        "tools": None,
+        "is_tool_calls": False,
+        "assistant": "echo: one",
+    }
+    [chat] = orjson.loads((root / "chat_openai.json").read_bytes())
+    assert chat["messages"] == [{"user": "two"}]
+
+    # One kind's folder, or one prefix: that kind, or each kind of the prefix.
+    [only] = convert(str(root / "openai" / "responses"), console=Console(file=io.StringIO()))
+    assert only.target == root / "responses_openai.json" and only.written == 1
+    both = convert(str(root / "openai"), console=Console(file=io.StringIO()))
+    assert [r.target.name for r in both] == ["chat_openai.json", "responses_openai.json"]
+    [one] = convert(
+        str(root / "team"), str(tmp_path / "x.json"), console=Console(file=io.StringIO())
+    )
+    assert one.target == tmp_path / "x.json"
+    with pytest.raises(ValueError, match="holds chat and responses logs: choose one with"):
+        convert(str(root / "openai"), str(tmp_path / "y.json"), console=Console(file=io.StringIO()))
+
+
+def original_lines_as_json(uid: str, question: str) -> list[dict]:
+    request = {"messages": [{"role": "user", "content": question}], "uid": uid, "ip": "10.0.0.7"}
+    return [request, {"assistant": "a", "is_tool_calls": False, "uid": uid}]

@@ -35,6 +35,25 @@ async def test_chat_non_stream_and_stream(sdk_proxy, upstream):
     assert all(r.headers["Authorization"] == "Bearer sk-real-secret" for r in upstream.requests)
 
 
+async def test_responses_non_stream_stream_and_stream_helper(sdk_proxy, upstream):
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    async with client(sdk_proxy) as ai:
+        answer = await ai.responses.create(model="gpt-test", input="hello there")
+        stream = await ai.responses.create(model="gpt-test", input="hello there", stream=True)
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        async with ai.responses.stream(
+            model="gpt-test",
+            input=[{"role": "user", "content": "weather?"}],
+            tools=tools,  # type: ignore[arg-type]
+        ) as helper:
+            final = await helper.get_final_response()
+    assert answer.output_text == "".join(deltas) == "echo: hello there"
+    call = final.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == fake_openai.RESPONSE_CALL["arguments"]
+    assert all(r.headers["Authorization"] == "Bearer sk-real-secret" for r in upstream.requests)
+
+
 async def test_embeddings_models_speech_upload_files(sdk_proxy, upstream, tmp_path):
     audio = tmp_path / "a.mp3"
     audio.write_bytes(b"\x00\x01" * 5000)
