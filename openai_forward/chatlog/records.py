@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from openai_forward.kinds import Kind
-from openai_forward.kinds.record import ERROR_TEXT_LIMIT, Answer, usage_only
+from openai_forward.kinds.answer import ERROR_TEXT_LIMIT, Answer, usage_only
 
 
 def request_record(

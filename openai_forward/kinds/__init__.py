@@ -8,7 +8,7 @@ entry here, the module that reads its wire format, and their tests.
 
 The wire formats: :mod:`.chat` (chat completions in the cache and convert, and OpenAI's
 list documents), :mod:`.chat_log` (``choices`` answers in the chat log), :mod:`.responses` and
-:mod:`.responses_log` (the Responses API), :mod:`.record` (what the chat log reads of any answer).
+:mod:`.responses_log` (the Responses API), :mod:`.answer` (what the chat log reads of any answer).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from openai_forward.kinds import chat, chat_log, record, responses, responses_log
+from openai_forward.kinds import answer, chat, chat_log, responses, responses_log
 
 if TYPE_CHECKING:
     from openai_forward.settings import Settings
@@ -61,9 +61,9 @@ class LogRules:
     keep_bytes: int = 8 * 1024 * 1024  # of an answer; past that only its end is kept
     # The answer: read from a stream (its kept start, and its end when it was too long) or
     # from a whole JSON body, then summed up as the first fields of the response record.
-    read_stream: Callable[[bytes, bytes], record.Answer] = chat_log.read_stream
-    read_json: Callable[[bytes], record.Answer] = chat_log.read_json
-    summary: Callable[[record.Answer], dict[str, Any]] = chat_log.summary
+    read_stream: Callable[[bytes, bytes], answer.Answer] = chat_log.read_stream
+    read_json: Callable[[bytes], answer.Answer] = chat_log.read_json
+    summary: Callable[[answer.Answer], dict[str, Any]] = chat_log.summary
     # A 2xx answer is read for its ``usage`` only, near its ends (embedding vectors are not
     # logged), so an answer longer than ``keep_bytes`` is not a truncated record.
     usage_only: bool = False
@@ -153,7 +153,7 @@ EMBEDDING = Kind(
         head=("input", "model"),
         optional=("encoding_format", "dimensions", "user"),
         keep_bytes=64 * 1024,  # the head and the tail (usage) suffice
-        summary=record.no_summary,
+        summary=answer.no_summary,
         usage_only=True,
     ),
     CacheRules(lambda settings: settings.cache_embedding, _always, chat.is_embedding_list),

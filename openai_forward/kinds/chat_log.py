@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.kinds.record import Answer, Choice
+from openai_forward.kinds.answer import Answer, Choice
 from openai_forward.sse import DONE, parse_data, split_stream, stream_data
 
 

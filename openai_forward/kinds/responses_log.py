@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
+from openai_forward.kinds.answer import Answer, Choice
 from openai_forward.kinds.chat_log import stream_objects
-from openai_forward.kinds.record import Answer, Choice
 from openai_forward.kinds.responses import COMPLETED, ENDINGS
 
 # Output items the client must act on, and the field holding what the model passed them.
