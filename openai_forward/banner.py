@@ -35,14 +35,10 @@ def _target_panel(target: Target, settings: Settings) -> Panel:
             )
         if settings.cache_enabled:
             rows.append(("cache_backend", settings.cache_backend))
-            routes = [
-                r
-                for r, on in (
-                    ("/v1/chat/completions", settings.cache_chat_completion),
-                    ("/v1/embeddings", settings.cache_embedding),
-                )
-                if on
-            ]
+            from openai_forward.kinds import KINDS, cached_kinds
+
+            cached = cached_kinds(settings)
+            routes = [f"/v1{kind.suffix}" for kind in KINDS if kind in cached]
             rows.append(("cache routes", ", ".join(routes)))
         if settings.log_chat:
             rows.append(("LOG_CHAT", "True"))

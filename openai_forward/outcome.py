@@ -26,7 +26,7 @@ class Outcome:
     status: int = 0  # 0: no response was started (the client left first)
     bytes_sent: int = 0  # body bytes handed to the server for the client
     duration: float = 0.0  # seconds, from the request's arrival to its end
-    kind: str | None = None  # the API kind ("chat", "completion", "embedding") if recognised
+    kind: str | None = None  # the API kind ("chat", "completion", "embedding", "responses")
     cache: str | None = None  # "HIT" or "MISS" where the response cache looked, else None
     retries: int = 0  # upstream attempts beyond the first
     client_left: bool = False  # the client hung up before the response was complete
