@@ -26,6 +26,7 @@ from yarl import URL
 from openai_forward.auth import Credentials, KeyPool
 from openai_forward.body import StreamedBody
 from openai_forward.errors import ProxyError
+from openai_forward.exchange import UPSTREAM_BROKE_OFF, UPSTREAM_TIMED_OUT
 from openai_forward.outcome import Outcome
 
 logger = logging.getLogger("openai_forward.upstream")
@@ -49,7 +50,13 @@ class UpstreamTimeout(ProxyError):
 
 
 class UpstreamBroken(Exception):
-    """The upstream broke off in the middle of a body; the client's response must be cut."""
+    """The upstream broke off in the middle of a body; the client's response must be cut.
+    ``reason`` says how (:data:`~openai_forward.exchange.UPSTREAM_BROKE_OFF` or
+    :data:`~openai_forward.exchange.UPSTREAM_TIMED_OUT`)."""
+
+    def __init__(self, message: str, reason: str = UPSTREAM_BROKE_OFF) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def backoff(attempt: int) -> float:
@@ -107,7 +114,7 @@ class Response:
             body = await self._raw.read()
             await self._ended_cleanly()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+            raise self._broken(exc) from exc
         return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -118,7 +125,12 @@ class Response:
                 yield chunk
             await self._ended_cleanly()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamBroken(f"{self.base_url}: {_describe(exc)}") from exc
+            raise self._broken(exc) from exc
+
+    def _broken(self, exc: BaseException) -> UpstreamBroken:
+        # aiohttp's read timeout (``ServerTimeoutError``) is a TimeoutError too
+        reason = UPSTREAM_TIMED_OUT if isinstance(exc, TimeoutError) else UPSTREAM_BROKE_OFF
+        return UpstreamBroken(f"{self.base_url}: {_describe(exc)}", reason)
 
     async def _ended_cleanly(self) -> None:
         if self._closed is not None:
@@ -370,12 +382,12 @@ class Upstream:
             status = exc.status if 400 <= exc.status < 600 else 502
             what = f"refused the WebSocket upgrade ({exc.status})"
             return ProxyError(f"Upstream {self.base_url} {what}", status)
-        if isinstance(exc, aiohttp.ClientError | self._proxy_errors):
-            failure = (
-                self._sort(exc, reused=False)
-                if isinstance(exc, aiohttp.ClientError)
-                else self._socks_failure(exc)
-            )
+        failure: Exception | None = None
+        if isinstance(exc, aiohttp.ClientError):
+            failure = self._sort(exc, reused=False)
+        elif isinstance(exc, self._proxy_errors):
+            failure = self._socks_failure(exc)
+        if failure is not None:
             return failure.error if isinstance(failure, _CannotConnect) else failure
         return UpstreamTimeout(f"Upstream {self.base_url} timed out opening a WebSocket")
 
