@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from openai_forward.settings import ConfigError
 
 if TYPE_CHECKING:
-    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio import ConnectionPool, Redis
 
 TIMEOUT = 2.0
 
@@ -25,15 +25,15 @@ class RedisStore:
         self._url = url
         self._prefix = f"{prefix}:cache:"
         self._client: Redis | None = None
-        self._pool: BlockingConnectionPool
+        self._pool: ConnectionPool
 
     async def open(self) -> None:
         from redis.asyncio import Redis
 
-        from openai_forward.ratelimit.storage import waiting_pool
+        from openai_forward.ratelimit.storage import connection_pool
 
         # No retry (redis-py retries 10 times by default): a miss now beats an answer later.
-        self._pool = waiting_pool(self._url, TIMEOUT)
+        self._pool = connection_pool(self._url, TIMEOUT)
         self._client = Redis(connection_pool=self._pool)
 
     async def close(self) -> None:
