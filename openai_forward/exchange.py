@@ -18,6 +18,15 @@ Headers = list[tuple[bytes, bytes]]
 # The kind of an OpenAI route (``/v1/chat/completions``), or None: the forwarder's question.
 call_kind = kind_of
 
+# Why an answer did not reach the client whole: ``Observer.close``'s ``reason`` (the chat log's
+# ``reason`` field). A fixed vocabulary, documented in docs/chatlog.md.
+CLIENT_LEFT = "client left"  # the client hung up (also the message of the task's cancellation)
+SHUTDOWN = "shutdown"  # cut by a shutdown that outlasted the graceful timeout
+UPSTREAM_BROKE_OFF = "upstream broke off"  # reset or closed mid-body
+UPSTREAM_TIMED_OUT = "upstream timed out"  # silent past READ_TIMEOUT (before or after its head)
+NO_ANSWER = "no answer"  # the upstream could not be reached or sent no usable head (a 502)
+PROXY_ERROR = "proxy error"  # a defect of the proxy (logged with its traceback)
+
 
 @dataclass(slots=True)
 class Call:
@@ -45,15 +54,16 @@ class Observer(Protocol):
     """Sees the upstream's answer as it is relayed (for the cache and the chat log).
 
     ``start`` comes first with the status and headers; ``feed`` gets every body chunk; ``close``
-    comes last, once, with ``complete=True`` only if the whole body reached the client.
-    Observers must be cheap and must never raise.
+    comes last, once, with ``complete=True`` only if the whole body reached the client, and
+    otherwise, when the caller knows it, the ``reason`` (one of the names above). ``start`` and
+    ``feed`` are skipped when no response came. Observers must be cheap and must never raise.
     """
 
     def start(self, status: int, headers: Headers) -> None: ...
 
     def feed(self, chunk: bytes) -> None: ...
 
-    def close(self, complete: bool) -> None: ...
+    def close(self, complete: bool, reason: str | None = None) -> None: ...
 
 
 class Resource(Protocol):

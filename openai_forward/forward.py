@@ -23,13 +23,13 @@ from openai_forward.chatlog import ChatLog
 from openai_forward.clientaddr import ClientAddress
 from openai_forward.cors import Cors
 from openai_forward.errors import ProxyError, send_error
-from openai_forward.exchange import Call, CallKind, Observer, call_kind
+from openai_forward.exchange import CLIENT_LEFT, Call, CallKind, Observer, call_kind
 from openai_forward.headers import RequestHead, read_request_head
 from openai_forward.outcome import Outcome, Reporter, report
 from openai_forward.paths import is_safe_rest, match_prefix
 from openai_forward.ratelimit import RequestLimiter
 from openai_forward.ratelimit.rules import canonical_route
-from openai_forward.relay import relay
+from openai_forward.relay import ending_reason, relay
 from openai_forward.settings import Settings, Target
 from openai_forward.types import CUT, Message, Receive, Scope, Send
 from openai_forward.upstream import Response, Upstream, UpstreamBroken
@@ -76,7 +76,8 @@ class HangUpWatch:
             return
         if watcher.result()["type"] == "http.disconnect" and self._task is not None:
             self.gone = True
-            self._task.cancel()
+            # the message tells observers why (a shutdown's cancellation has another)
+            self._task.cancel(CLIENT_LEFT)
 
     def stop(self) -> None:
         self._stopped = True
@@ -272,6 +273,7 @@ class Forwarder:
         """Send the request upstream and relay the answer; every failure has its answer here."""
         url = self.upstream.url(rest, scope["query_string"])
         response: Response | None = None
+        ended: BaseException | None = None  # what ended it, for observers when no response came
         try:
             response = await self.upstream.send(
                 scope["method"], url, head.upstream, body, creds, outcome
@@ -285,27 +287,34 @@ class Forwarder:
                 mask=self._mask,
             )
         except ProxyError as exc:
+            ended = exc
             await send_error(send, exc.status, exc.message, extra)
-        except BodyTooLarge as exc:  # a streamed body that outgrew the limit
+        except BodyTooLarge as exc:  # a streamed body that outgrew the limit (never observed)
             await send_error(send, 413, str(exc), extra)
-        except ClientGone:  # during a streamed body
+        except ClientGone as exc:  # during a streamed body
+            ended = exc
             outcome.client_left = True
+        except asyncio.CancelledError as exc:  # the client left, or a shutdown
+            ended = exc
+            raise
         except UpstreamBroken as exc:
             # Returning without finishing the body makes the server close the connection: the
             # client sees a cut response, never a made-up ending. (The mark spares the log a
             # second line from the server about it.)
             logger.warning("Upstream broke off mid-response: %s", exc)
             scope[CUT] = True
-        except Exception:
+        except Exception as exc:
             # A defect of ours: logged in full here, and the client still gets an answer in
             # OpenAI's shape if nothing was sent yet.
+            ended = exc
             logger.exception("Failed to forward %s %s", scope["method"], outcome.route)
             if response is None:
                 await send_error(send, 502, "The proxy failed to forward the request", extra)
         finally:
             if response is None:
+                reason = None if ended is None else ending_reason(ended)
                 for observer in observers:
-                    observer.close(False)
+                    observer.close(False, reason)
             else:
                 response.release()
 

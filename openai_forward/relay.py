@@ -6,11 +6,20 @@ import asyncio
 from collections.abc import Sequence
 
 from openai_forward.auth import KeyMask
-from openai_forward.exchange import Observer
+from openai_forward.body import ClientGone
+from openai_forward.errors import ProxyError
+from openai_forward.exchange import (
+    CLIENT_LEFT,
+    NO_ANSWER,
+    PROXY_ERROR,
+    SHUTDOWN,
+    UPSTREAM_TIMED_OUT,
+    Observer,
+)
 from openai_forward.headers import response_headers
 from openai_forward.sse import EventSplitter
 from openai_forward.types import Send
-from openai_forward.upstream import Response, UpstreamBroken, UpstreamError
+from openai_forward.upstream import Response, UpstreamBroken, UpstreamError, UpstreamTimeout
 
 # A non-stream answer up to this size (with a Content-Length) is read whole and sent in one piece.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -18,6 +27,27 @@ WHOLE_BODY_LIMIT = 256 * 1024
 # that of the representation it stands for): relayed with no body and no Content-Length.
 NO_BODY_STATUS = frozenset({204, 304})
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def ending_reason(exc: BaseException) -> str:
+    """Why an answer did not reach the client whole, from the exception that ended it.
+
+    A hang-up and a shutdown both reach the request's task as a cancellation: the forwarder's
+    hang-up watch cancels it with the message :data:`CLIENT_LEFT`, the server at shutdown with
+    its own."""
+    if isinstance(exc, asyncio.CancelledError):
+        return CLIENT_LEFT if exc.args[:1] == (CLIENT_LEFT,) else SHUTDOWN
+    if isinstance(exc, ClientGone):  # while a streamed request body was read
+        return CLIENT_LEFT
+    if isinstance(exc, UpstreamBroken):
+        return exc.reason
+    if isinstance(exc, UpstreamError) and isinstance(exc.__cause__, UpstreamBroken):
+        return exc.__cause__.reason  # a body read whole that broke off: a clean 502
+    if isinstance(exc, UpstreamTimeout):
+        return UPSTREAM_TIMED_OUT
+    if isinstance(exc, ProxyError):
+        return NO_ANSWER
+    return PROXY_ERROR
 
 
 def is_event_stream(response: Response) -> bool:
@@ -35,7 +65,8 @@ async def relay(
     mask: KeyMask | None = None,
 ) -> None:
     """Send ``response`` on to the client. Raises ``UpstreamBroken`` if the upstream breaks off
-    (the caller then cuts the client's response); observers are told whether the body was whole.
+    (the caller then cuts the client's response); observers are told whether the body was whole,
+    and if not, why (:func:`ending_reason`).
 
     With ``mask``, keys are masked in the headers, in bodies read whole, and in error bodies;
     event streams and large successful bodies (model output, files) pass untouched."""
@@ -53,6 +84,7 @@ async def relay(
     for observer in observers:
         observer.start(status, headers)
     complete = False
+    reason: str | None = None
     try:
         length = response.content_length
         whole = length is not None and length <= WHOLE_BODY_LIMIT
@@ -91,9 +123,12 @@ async def relay(
                     return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         complete = True
+    except BaseException as exc:  # noted, never handled here
+        reason = ending_reason(exc)
+        raise
     finally:
         for observer in observers:
-            observer.close(complete)
+            observer.close(complete, reason)
 
 
 async def _read_whole(response: Response) -> bytes:

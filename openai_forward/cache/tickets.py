@@ -31,7 +31,7 @@ class Ticket:
     def feed(self, chunk: bytes) -> None:
         pass
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, reason: str | None = None) -> None:
         pass
 
     async def replay(
@@ -138,7 +138,7 @@ class Miss(Ticket):
             else:
                 self._chunks.append(chunk)
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, reason: str | None = None) -> None:  # reason: unused
         settle, self._settle = self._settle, None
         if settle is None:
             return

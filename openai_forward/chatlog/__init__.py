@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import time
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -21,6 +22,7 @@ from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.chatlog.writer import LogWriter, Render
 from openai_forward.exchange import Call, Headers, Observer
 from openai_forward.kinds import Kind
+from openai_forward.relay import ending_reason
 from openai_forward.settings import ConfigError, Settings
 
 # Past its kind's ``keep_bytes`` only the last bytes of an answer are kept (``truncated``).
@@ -87,7 +89,8 @@ class AnswerObserver:
     """Collects the relayed answer of one call; cheap on the loop and never raises.
 
     Until ``start``, ``_status`` is None (no answer came). ``_complete`` is None until
-    ``close``. Past its kind's ``keep_bytes`` only the answer's last ``TAIL_BYTES`` are kept."""
+    ``close``, ``_reason`` says why an answer is not complete. Past its kind's ``keep_bytes``
+    only the answer's last ``TAIL_BYTES`` are kept."""
 
     __slots__ = (
         "_asked",
@@ -97,6 +100,7 @@ class AnswerObserver:
         "_keep",
         "_log",
         "_path",
+        "_reason",
         "_size",
         "_status",
         "_tail",
@@ -113,6 +117,7 @@ class AnswerObserver:
         self._size = 0
         self._tail = b""
         self._complete: bool | None = None
+        self._reason: str | None = None
 
     def start(self, status: int, headers: Headers) -> None:
         self._status = status
@@ -125,9 +130,14 @@ class AnswerObserver:
             self._tail = (self._tail + chunk)[-TAIL_BYTES:]
         self._size += len(chunk)
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, reason: str | None = None) -> None:
         if self._complete is None:
             self._complete = complete
+            if not complete:
+                # A caller that does not say why (the cache's replay of a hit) closes from its
+                # ``finally``: the exception that cut the answer says it.
+                ended = sys.exception() if reason is None else None
+                self._reason = ending_reason(ended) if ended is not None else reason
             self._log.submit(self._path, self.response_record)
 
     def request_record(self) -> dict[str, Any]:
@@ -149,6 +159,7 @@ class AnswerObserver:
             tail=self._tail,
             complete=bool(self._complete),
             truncated=self._size > len(body),
+            reason=self._reason,
         )
 
 

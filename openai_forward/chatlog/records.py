@@ -59,9 +59,11 @@ def response_record(
     tail: bytes = b"",
     complete: bool,
     truncated: bool = False,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
-    gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end."""
+    gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end.
+    ``reason``: why the answer did not reach the client whole (``complete`` False), if known."""
     named = dict(reversed(headers))  # name -> value of the first header of that name
     ok = status is not None and 200 <= status < 300
     if kind.log.usage_only and ok:
@@ -77,6 +79,8 @@ def response_record(
     record["cached"] = named.get(b"x-cache", b"").upper() == b"HIT"
     unread = ok and (answer.malformed or not answer.finished)
     record["complete"] = complete and not truncated and not unread
+    if not complete and reason is not None:
+        record["reason"] = reason
     if answer.error is not None:
         record["error"] = answer.error
     if truncated:
