@@ -32,7 +32,7 @@ class Cli:
         except ConfigError as exc:
             _fail(str(exc))
             return
-        from openai_forward.server import check_startup, serve
+        from openai_forward.server import check_startup, exec_serve
 
         try:
             check_startup(settings)
@@ -41,7 +41,7 @@ class Cli:
         from openai_forward.banner import print_banner
 
         print_banner(settings, workers)
-        serve(settings, host=host, port=port, workers=workers)
+        exec_serve(host=host, port=port, workers=workers)
 
     def convert(self, log_folder: str | None = None, target_path: str | None = None) -> None:
         """Turn chat logs into JSON files (Log/chat_<name>.json).

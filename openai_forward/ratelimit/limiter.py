@@ -5,12 +5,15 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-
-from limits import RateLimitItem
+from typing import TYPE_CHECKING
 
 from openai_forward.ratelimit.rules import UNAVAILABLE, Refusal, Rules, refusal
-from openai_forward.ratelimit.storage import Backend, open_backend
 from openai_forward.settings import Settings
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+
+    from openai_forward.ratelimit.storage import Backend
 
 logger = logging.getLogger("openai_forward.ratelimit")
 
@@ -50,6 +53,8 @@ class RequestLimiter:
         self._held_heap: list[tuple[float, tuple[str, str]]] = []  # (held until, key)
 
     async def open(self) -> None:
+        from openai_forward.ratelimit.storage import open_backend  # limits, and redis-py for Redis
+
         self._backend = open_backend(self._settings)
         self._errors = self._backend.errors
 

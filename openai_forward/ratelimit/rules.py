@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
-
-from limits import RateLimitItem, parse_many
 
 from openai_forward.settings import Settings
 
-Items = tuple[RateLimitItem, ...]
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+
+Items = tuple["RateLimitItem", ...]
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -39,8 +41,12 @@ class Rules:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
-        routes = {r: tuple(parse_many(limit)) for r, limit in settings.req_rate_limit.items()}
         default = settings.global_rate_limit
+        if not (settings.req_rate_limit or default):
+            return cls()  # (limits is imported only where limits are configured)
+        from limits import parse_many
+
+        routes = {r: tuple(parse_many(limit)) for r, limit in settings.req_rate_limit.items()}
         return cls(routes, tuple(parse_many(default)) if default else ())
 
     def __bool__(self) -> bool:
@@ -91,7 +97,11 @@ def pacing_intervals(settings: Settings) -> dict[str, float]:
     ``"20/second"`` is 0.05 s; with several limits (``"20/second;600/minute"``) the slowest
     pace wins, so every one of them holds.
     """
-    intervals = {}
+    intervals: dict[str, float] = {}
+    if not settings.token_rate_limit:
+        return intervals
+    from limits import parse_many
+
     for route, limit in settings.token_rate_limit.items():
         paces = [i.get_expiry() / i.amount for i in parse_many(limit) if i.amount > 0]
         if paces:
