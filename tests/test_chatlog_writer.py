@@ -140,6 +140,45 @@ def test_full_queue_drops_with_a_counted_warning(tmp_path: Path, caplog):
     assert [r["i"] for r in lines_of(tmp_path)] == [0, 1, 2]
 
 
+def test_a_line_left_cut_is_ended_before_the_next_record(tmp_path: Path):
+    """A file that ends inside a line (a process killed mid-write, a rollback that failed): the
+    next record starts on a line of its own."""
+    (tmp_path / "x.log").write_bytes(b'{"i": 0}\n{"i": 1, "pad": "cu')
+    writer = LogWriter(tmp_path)
+    writer.start()
+    writer.submit("x.log", lambda: {"i": 2})
+    writer.stop()
+    lines = (tmp_path / "x.log").read_bytes().splitlines()
+    assert lines == [b'{"i": 0}', b'{"i": 1, "pad": "cu', b'{"i":2}']
+
+
+def test_records_of_calls_that_end_after_stop_are_counted(tmp_path: Path, caplog):
+    writer = LogWriter(tmp_path)
+    writer.start()
+    writer.stop()
+    with caplog.at_level(logging.WARNING, logger="openai_forward.chatlog"):
+        writer.submit("x.log", lambda: {"i": 0})
+        writer.submit("x.log", lambda: {"i": 1})
+    assert writer.late == writer.lost == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "Chat log already closed: 1 record(s) of calls that ended later lost"
+    ]
+
+
+def test_every_loss_is_in_the_last_line(tmp_path: Path, caplog):
+    writer = LogWriter(tmp_path, queue_size=2)
+    with caplog.at_level(logging.WARNING, logger="openai_forward.chatlog"):
+        for i in range(3):  # the third finds the queue full
+            writer.submit("x.log", lambda i=i: {"i": i} if i else 1 / 0)  # type: ignore[return-value]
+        writer.start()
+        writer.stop()
+    assert [r["i"] for r in lines_of(tmp_path)] == [1]
+    assert writer.dropped == 1 and writer.failed == 1 and writer.lost == 2
+    assert caplog.records[-1].getMessage() == (
+        "Chat log: 2 record(s) lost in all (1 not rendered, 1 queue full)"
+    )
+
+
 def test_secrets_scrubbed_and_bad_entries_skipped(tmp_path: Path, caplog):
     writer = LogWriter(tmp_path, secrets=["sk-abc", "sk-abcdef", ""])
     writer.start()

@@ -4,25 +4,28 @@ The event loop only ever calls :meth:`LogWriter.submit` (a ``put_nowait``). The 
 renders each entry (so record assembly and serialization are not paid on the loop), then appends
 the lines. Several worker processes may append to the same file:
 
-- files are opened with ``O_APPEND`` and each batch of whole lines goes out in one ``write``,
-  which the kernel applies atomically to a local file, so lines of different processes never
-  interleave;
+- files are opened with ``O_APPEND``; each batch of whole lines goes out in one ``write``, under
+  an ``flock`` on the file's folder, so lines of different processes never interleave;
+- a write the disk cannot take whole (``ENOSPC``: the kernel writes what fits, then refuses) is
+  truncated back to the size the file had before it (the lock makes that size exact), so no line
+  is ever torn; its records are lost, counted and said (:class:`LogWriter`);
 - rotation (``chat.log`` -> ``chat.log.1`` -> ... -> ``chat.log.<backups>``, the oldest dropped)
-  happens under an ``flock`` on the folder, and before each write a writer checks that its open
-  file is still the one named ``chat.log`` (another process may have rotated it) and reopens it
-  if not. A line written in that instant lands in ``chat.log.1``: still kept, still read by
-  ``aifd convert``.
+  happens under the same lock, and before each write a writer checks that its open file is still
+  the one named ``chat.log`` (another process may have rotated it) and reopens it if not;
+- a file found ending inside a line (a process killed mid-write) gets a newline before the next
+  record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,16 @@ YIELD_CHECK = 32  # entries rendered between two looks at the clock
 Render = Callable[[], dict[str, Any] | None]
 
 
+class Unwritten(Exception):
+    """A write failed: the first ``written`` lines are in the file, none of the others (a write
+    that failed part-way was rolled back)."""
+
+    def __init__(self, written: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.written = written
+        self.error = error
+
+
 class _LogFile:
     """One log file, kept open, rotated by size in agreement with other processes."""
 
@@ -62,10 +75,12 @@ class _LogFile:
         for part in Path(relative).parent.parts:
             folder = folder / part
             folder.mkdir(exist_ok=True, mode=0o750)
-        # Rotation is serialized across processes by a lock on the folder (no lock file needed).
+        # Writes and rotation are serialized across processes by a lock on the folder (no lock
+        # file needed).
         self._dir = os.open(path.parent, os.O_RDONLY) if fcntl is not None else -1
         self._fd = -1
         self._ino = -1
+        self._check_end = True  # look whether the file ends a line before writing to it
         try:
             self._open()
         except OSError:
@@ -75,29 +90,67 @@ class _LogFile:
     def _open(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # read too: for a look at the last byte (``_append``)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         self._ino = os.fstat(self._fd).st_ino
+        self._check_end = True
 
     def write(self, lines: list[bytes]) -> None:
-        """Append whole lines, in as few writes as the size limit allows."""
-        start = 0
-        while start < len(lines):
-            size = self._size()
-            if size and size + len(lines[start]) > self._max_bytes:
-                self._rotate(len(lines[start]))
-                size = self._size()
-            room = min(self._max_bytes - size, WRITE_BATCH)
-            end, total = start + 1, len(lines[start])
-            while end < len(lines) and total + len(lines[end]) <= room:
-                total += len(lines[end])
-                end += 1
-            self._write_all(b"".join(lines[start:end]))
-            start = end
+        """Append whole lines, in as few writes as the size limit allows. A write that fails
+        (a full disk) is rolled back and ends the call: raises :class:`Unwritten`."""
+        done = 0
+        with self._locked():
+            try:
+                while done < len(lines):
+                    size = self._size()
+                    if size and size + len(lines[done]) > self._max_bytes:
+                        self._rotate(len(lines[done]))
+                        size = self._size()
+                    room = min(self._max_bytes - size, WRITE_BATCH)
+                    end, total = done + 1, len(lines[done])
+                    while end < len(lines) and total + len(lines[end]) <= room:
+                        total += len(lines[end])
+                        end += 1
+                    self._append(b"".join(lines[done:end]), size)
+                    done = end
+            except OSError as exc:
+                raise Unwritten(done, exc) from exc
 
-    def _write_all(self, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The folder's lock: no other writer appends, truncates or rotates meanwhile."""
+        if self._dir < 0:
+            yield
+            return
+        fcntl.flock(self._dir, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._dir, fcntl.LOCK_UN)
+
+    def _append(self, data: bytes, size: int) -> None:
+        """Write ``data`` at the end of the file, ``size`` bytes long (under the lock): whole,
+        or not at all. A write the disk cannot take whole (``ENOSPC``: the kernel writes what
+        fits, then refuses) is truncated away, so that no line is ever torn."""
+        if self._check_end and size and os.pread(self._fd, 1, size - 1) != b"\n":
+            # A cut line (a rollback that failed, a process killed mid-write) ends here: what
+            # follows starts on a line of its own.
+            data = b"\n" + data
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                if not written:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+        except OSError:
+            if len(view) < len(data):
+                try:
+                    os.ftruncate(self._fd, size)
+                except OSError:
+                    self._check_end = True
+            raise
+        self._check_end = False
 
     def _size(self) -> int:
         """Size of the file now named ``path``, reopened first if another process rotated it."""
@@ -111,22 +164,17 @@ class _LogFile:
         return current.st_size
 
     def _rotate(self, incoming: int) -> None:
-        if self._dir >= 0:
-            fcntl.flock(self._dir, fcntl.LOCK_EX)
-        try:
-            # Another process may have rotated while this one waited for the lock.
-            with contextlib.suppress(FileNotFoundError):
-                current = os.stat(self.path)
-                if current.st_ino == self._ino and current.st_size + incoming > self._max_bytes:
-                    name = str(self.path)
-                    for i in range(self._backups - 1, 0, -1):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.replace(f"{name}.{i}", f"{name}.{i + 1}")
-                    os.replace(name, f"{name}.1")
-            self._open()
-        finally:
-            if self._dir >= 0:
-                fcntl.flock(self._dir, fcntl.LOCK_UN)
+        """Under the lock."""
+        # Another process may have rotated while this one waited for the lock.
+        with contextlib.suppress(FileNotFoundError):
+            current = os.stat(self.path)
+            if current.st_ino == self._ino and current.st_size + incoming > self._max_bytes:
+                name = str(self.path)
+                for i in range(self._backups - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{name}.{i}", f"{name}.{i + 1}")
+                os.replace(name, f"{name}.1")
+        self._open()
 
     def close(self) -> None:
         for fd in (self._fd, self._dir):
@@ -141,6 +189,11 @@ class LogWriter:
     ``secrets`` are replaced by ``***`` in every line: keys never reach a request record by
     design (no headers are logged), but a user may paste one into a message, or an upstream
     may quote one in an error.
+
+    Every record lost is counted, by cause, and said: a full queue, at most once a minute, by
+    the event loop; what the writer could not render or write (a full disk), at most once a
+    minute while it lasts, and once more within a minute of the last loss; and at ``stop`` a
+    last line with the exact total (when the queue's own line would not already be it).
     """
 
     def __init__(
@@ -167,11 +220,22 @@ class LogWriter:
         self._files: dict[str, _LogFile] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        # Each count is changed by one thread only: no lock.
         self.dropped = 0  # entries refused because the queue was full (event loop side)
+        self.late = 0  # entries submitted once stopped (event loop side)
         self.failed = 0  # entries that could not be rendered or written (writer side)
+        self._causes: dict[str, int] = {}  # what ``failed`` counts, by cause
         self._unreported = 0
         self._warned_at = -WARN_EVERY
+        self._late_warned_at = -WARN_EVERY
+        self._failures_unreported = 0
+        self._last_failure = ""
         self._failure_warned_at = -WARN_EVERY
+
+    @property
+    def lost(self) -> int:
+        """Records lost so far, whatever the cause."""
+        return self.dropped + self.late + self.failed
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="chat-log-writer", daemon=True)
@@ -183,6 +247,8 @@ class LogWriter:
             self._pending.append((path, render))
         elif not self._closed:
             self._drop()
+        else:
+            self._late()
 
     def _drop(self) -> None:
         self.dropped += 1
@@ -201,6 +267,16 @@ class LogWriter:
         )
         self._unreported = 0
 
+    def _late(self) -> None:
+        """A call that ended after the log was closed (a task that outlived the shutdown)."""
+        self.late += 1
+        now = time.monotonic()
+        if now - self._late_warned_at >= WARN_EVERY:
+            self._late_warned_at = now
+            logger.warning(
+                "Chat log already closed: %d record(s) of calls that ended later lost", self.late
+            )
+
     def stop(self, timeout: float = 10.0) -> None:
         """Write everything queued so far, then stop the thread and close the files (blocks)."""
         if self._closed:
@@ -213,11 +289,35 @@ class LogWriter:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                logger.warning("Chat log writer is stuck; records still queued are lost")
+                stuck = len(self._pending)
+                logger.warning(
+                    "Chat log writer is stuck; %d record(s) still queued are lost", stuck
+                )
+                self._report_total(stuck)
                 return
         for file in self._files.values():
             file.close()
         self._files.clear()
+        self._report_total()
+
+    def _report_total(self, stuck: int = 0) -> None:
+        """The last line: every record lost, by cause. Not said when a full queue was the only
+        cause: its own line, just before, gave the total."""
+        if not (self.failed or self.late or stuck):
+            return
+        causes = dict(self._causes)
+        for cause, count in (
+            ("queue full", self.dropped),
+            ("ended after shutdown", self.late),
+            ("writer stuck", stuck),
+        ):
+            if count:
+                causes[cause] = count
+        logger.warning(
+            "Chat log: %d record(s) lost in all (%s)",
+            self.lost + stuck,
+            ", ".join(f"{count} {cause}" for cause, count in causes.items()),
+        )
 
     def _run(self) -> None:
         pending = self._pending
@@ -230,9 +330,11 @@ class LogWriter:
                 # operation is atomic, so neither side needs a lock.
                 batch = [pending.popleft() for _ in range(min(len(pending), BATCH_ENTRIES))]
                 try:
-                    self._write(batch)
-                except Exception as exc:  # the thread must live on, or the queue would only fill
-                    self._failure(f"write a batch ({type(exc).__name__})")
+                    self._write(batch)  # counts what it loses
+                except Exception:  # a defect: the thread must live on, or the queue would fill
+                    logger.exception("Chat log writer failed on a batch of %d", len(batch))
+            if self._failures_unreported and not stopping:
+                self._failure()  # losses since the last warning: said once the minute is up
             if stopping:
                 return
 
@@ -260,13 +362,18 @@ class LogWriter:
                         self.root, path, self._max_bytes, self._backups
                     )
                 file.write(lines)
-            except OSError as exc:
+            except Exception as exc:  # the thread must live on, or the queue would only fill
+                written = exc.written if isinstance(exc, Unwritten) else 0
+                error = exc.error if isinstance(exc, Unwritten) else exc
                 broken = self._files.pop(path, None)
                 if broken is not None:
                     with contextlib.suppress(OSError):
                         broken.close()  # reopened afresh with the next record
-                self.failed += len(lines) - 1
-                self._failure(f"write {self.root / path} ({exc.strerror or exc})")
+                if isinstance(error, OSError):
+                    cause = (error.strerror or type(error).__name__).lower()
+                else:
+                    cause = f"write error ({type(error).__name__})"
+                self._lose(len(lines) - written, f"write {self.root / path} ({cause})", cause)
 
     def _line(self, render: Render) -> bytes | None:
         """The entry's JSON line, secrets masked; None if it has no record or cannot be made."""
@@ -276,15 +383,25 @@ class LogWriter:
                 return None
             line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         except Exception as exc:  # one bad entry must not stop the log
-            self._failure(f"render a record ({type(exc).__name__})")
+            self._lose(1, f"render a record ({type(exc).__name__})", "not rendered")
             return None
         for secret in self._secrets:
             line = line.replace(secret, b"***")
         return line
 
-    def _failure(self, what: str) -> None:
-        self.failed += 1
+    def _lose(self, count: int, what: str, cause: str) -> None:
+        self.failed += count
+        self._causes[cause] = self._causes.get(cause, 0) + count
+        self._failures_unreported += count
+        self._last_failure = what
+        self._failure()
+
+    def _failure(self) -> None:
+        """Say what was lost, at most once a minute."""
         now = time.monotonic()
         if now - self._failure_warned_at >= WARN_EVERY:
             self._failure_warned_at = now
-            logger.warning("Chat log could not %s; %d record(s) lost so far", what, self.failed)
+            self._failures_unreported = 0
+            logger.warning(
+                "Chat log could not %s; %d record(s) lost so far", self._last_failure, self.lost
+            )
