@@ -354,6 +354,7 @@ async def test_client_hanging_up_and_unreachable_upstream(proxy_factory, upstrea
     assert gone["assistant"].startswith("0 1 ") and gone["complete"] is False
     ((_, down),) = pairs(read_records(log_root / "down" / "chat" / "chat.log", 2))
     assert down["status"] is None and down["assistant"] == "" and down["complete"] is False
+    assert gone["reason"] == "client left" and down["reason"] == "no answer"
 
 
 async def test_a_request_is_logged_while_its_answer_runs_and_each_answer_follows_its_request(

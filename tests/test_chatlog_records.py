@@ -244,6 +244,19 @@ def test_non_stream_answers_and_errors():
     assert none["status"] is None and none["assistant"] == "" and none["complete"] is False
 
 
+def test_an_answer_cut_on_its_way_says_why():
+    body = sse({"choices": [{"index": 0, "delta": {"content": "Hal"}}]})
+    cut = response_record(CHAT, "u", 200, SSE, body, complete=False, reason="client left")
+    assert cut["assistant"] == "Hal" and cut["complete"] is False
+    assert cut["reason"] == "client left"
+    assert list(cut)[-2:] == ["complete", "reason"]  # right after complete
+    # No reason when it reached the client whole (an answer that is not complete for what it
+    # holds says so in its own fields), nor when none is known.
+    whole = response_record(CHAT, "u", 200, SSE, body, complete=True, reason="client left")
+    assert "reason" not in whole
+    assert "reason" not in response_record(CHAT, "u", 200, SSE, body, complete=False)
+
+
 def test_embedding_usage_without_parsing_vectors():
     vectors = [{"object": "embedding", "index": i, "embedding": [0.125] * 1536} for i in range(40)]
     body = orjson.dumps(
