@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from openai_forward.chatlog import ChatLog
+from openai_forward.chatlog import AnswerObserver, Asked, ChatLog
 from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.exchange import Call
 from openai_forward.kinds import CHAT, COMPLETION, EMBEDDING
@@ -390,3 +390,34 @@ def test_request_record_keeps_the_asked_fields_in_a_fixed_order_whatever_the_bod
     assert record["stream"] is False and record["tools"] is None and record["seed"] == 7
     plain = request_record(EMBEDDING, {"input": "a", "model": "e"}, "ip", "u", "kh")
     assert plain == {"input": "a", "model": "e", "ip": "ip", "uid": "u", "key_hash": "kh"}
+
+
+@pytest.mark.parametrize(
+    "ended, reason",
+    [
+        (asyncio.CancelledError("client left"), "client left"),  # the hang-up watch's cancel
+        (asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded"), "shutdown"),
+    ],
+)
+def test_an_observer_closed_without_a_reason_takes_the_one_of_what_ended_the_answer(
+    ended: BaseException, reason: str
+):
+    """A caller that closes from its ``finally`` without a reason (the cache's replay of a hit):
+    the exception on its way out says why."""
+    submitted = []
+
+    class Log:
+        def submit(self, path: str, render) -> None:
+            submitted.append(render)
+
+    asked = Asked(CHAT, {"messages": []}, "127.0.0.1", "u", None, 0.0)
+    observer = AnswerObserver(Log(), "p", asked)  # type: ignore[arg-type]
+    observer.start(200, [])
+    with pytest.raises(type(ended)):
+        try:
+            raise ended
+        finally:
+            observer.close(False)
+    (render,) = submitted
+    record = render()
+    assert record["complete"] is False and record["reason"] == reason
