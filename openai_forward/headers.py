@@ -35,9 +35,7 @@ class RequestHead:
     upstream: list[tuple[bytes, bytes]]
     authorization: str | None = None
     content_length: int | None = None
-    content_type: bytes | None = None
     origin: bytes | None = None
-    forwarded_for: bytes | None = None  # the first X-Forwarded-For
 
 
 def read_request_head(
@@ -63,10 +61,6 @@ def read_request_head(
             head.origin = value
             if openai_type:
                 continue
-        elif name == b"content-type":
-            head.content_type = value
-        elif name == b"x-forwarded-for" and head.forwarded_for is None:
-            head.forwarded_for = value
         if openai_type:
             if name in _OPENAI_ALLOWED or name.startswith(b"openai-"):
                 keep((name, value))
