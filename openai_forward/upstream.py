@@ -166,21 +166,17 @@ def _ends_at_close(raw: aiohttp.ClientResponse, method: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class _Tracing:
-    """Whether a request went out on a connection taken from the pool (aiohttp's tracing)."""
+def _reuse_tracing() -> aiohttp.TraceConfig:
+    """aiohttp's request tracing, to learn whether a request went out on a connection taken
+    from the pool: the request's ``trace_request_ctx`` gets ``reused = True`` then."""
 
-    config: aiohttp.TraceConfig
+    async def reused(_: object, context: SimpleNamespace, __: object) -> None:
+        if context.trace_request_ctx is not None:  # None: a request that does not ask
+            context.trace_request_ctx.reused = True
 
-    @classmethod
-    def build(cls) -> _Tracing:
-        async def reused(_: object, context: SimpleNamespace, __: object) -> None:
-            if context.trace_request_ctx is not None:  # None: a request that does not ask
-                context.trace_request_ctx.reused = True
-
-        config = aiohttp.TraceConfig()
-        config.on_connection_reuseconn.append(reused)
-        return cls(config)
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(reused)
+    return config
 
 
 class Upstream:
@@ -212,12 +208,12 @@ class Upstream:
         self._fresh: aiohttp.ClientSession | None = None  # for streamed uploads, see send()
 
     async def open(self) -> None:
-        self._session = self._new_session(keep_alive=True)
-        self._fresh = self._new_session(keep_alive=False)
-
-    def _new_session(self, *, keep_alive: bool) -> aiohttp.ClientSession:
         # The default trust store, read now: SSL_CERT_FILE / SSL_CERT_DIR apply.
         tls = ssl.create_default_context()
+        self._session = self._new_session(tls, keep_alive=True)
+        self._fresh = self._new_session(tls, keep_alive=False)
+
+    def _new_session(self, tls: ssl.SSLContext, *, keep_alive: bool) -> aiohttp.ClientSession:
         connector: aiohttp.BaseConnector
         options = {"limit": self._max_connections, "ssl": tls, "force_close": not keep_alive}
         if self._proxy is not None and self._http_proxy is None:
@@ -246,7 +242,7 @@ class Upstream:
             auto_decompress=False,
             skip_auto_headers=_NO_AUTO_HEADERS,
             trust_env=False,
-            trace_configs=[_Tracing.build().config] if keep_alive else None,
+            trace_configs=[_reuse_tracing()] if keep_alive else None,
         )
 
     async def close(self) -> None:
