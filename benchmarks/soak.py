@@ -159,14 +159,16 @@ async def one_request(
         tally.unanswered += 1
 
 
-def proxy_vitals(pid: int) -> tuple[float, int]:
-    """RSS in MiB and open descriptors of the proxy's process."""
-    rss = 0.0
+def proxy_vitals(pid: int) -> tuple[float, float, int]:
+    """RSS and its anonymous part (the heap: what a leak grows; the rest is mapped files, such
+    as an LMDB cache) in MiB, and open descriptors of the proxy's process."""
+    sizes = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon"):
+                sizes[name] = int(value.split()[0]) / 1024
+    return sizes["VmRSS"], sizes["RssAnon"], len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def count_records(folder: Path) -> tuple[int, int]:
@@ -244,18 +246,20 @@ async def soak(args: argparse.Namespace) -> int:
                     now = time.monotonic()
                     if now - last_report >= args.report_every:
                         last_report = now
-                        rss, fds = proxy_vitals(pid)
+                        rss, heap, fds = proxy_vitals(pid)
                         done = sum(tally.answers.values())
                         print(
                             f"{now - started:7.1f} s  {done:7d} done  "
-                            f"RSS {rss:6.1f} MiB  fds {fds:4d}",
+                            f"RSS {rss:6.1f} MiB (heap {heap:6.1f})  fds {fds:4d}",
                             flush=True,
                         )
 
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
             elapsed = time.monotonic() - started
-            rss, fds = proxy_vitals(pid)
-            print(f"{elapsed:7.1f} s  all done  RSS {rss:6.1f} MiB  fds {fds:4d}")
+            rss, heap, fds = proxy_vitals(pid)
+            print(
+                f"{elapsed:7.1f} s  all done  RSS {rss:6.1f} MiB (heap {heap:6.1f})  fds {fds:4d}"
+            )
         # the chat log's writer is a thread: give it a moment to write the last records
         expected = tally.reached_proxy
         for _ in range(100):
