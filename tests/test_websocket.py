@@ -152,3 +152,18 @@ async def test_an_upgrade_is_one_request_for_limits_and_address_lists(proxy_fact
         await websockets.connect(ws_url(bad_path, "/v1/%2e%2e/realtime"))
     assert invalid.value.response.status_code == 400
     assert len(ws_upstream.handshakes) == 1
+
+
+async def test_proxy_is_honoured_for_websockets(proxy_factory, ws_upstream):
+    """PROXY carries WebSockets too (here a SOCKS proxy, which tunnels any connection)."""
+    from tests.socks_server import Socks5Server
+
+    async with Socks5Server() as socks:
+        proxy = proxy_factory(
+            OPENAI_BASE_URL=ws_upstream.url, PROXY=f"socks5://127.0.0.1:{socks.port}"
+        )
+        async with websockets.connect(ws_url(proxy)) as ws:
+            await ws.send("through the proxy")
+            assert await asyncio.wait_for(ws.recv(), 5) == "echo:through the proxy"
+    assert socks.connects == [(None, "127.0.0.1", int(ws_upstream.url.rsplit(":", 1)[1]))]
+    assert len(ws_upstream.handshakes) == 1
