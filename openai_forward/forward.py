@@ -144,8 +144,9 @@ class Forwarder:
                 return
         route = self._route_prefix + rest.decode("latin-1") if rest else self.target.prefix
         outcome = Outcome(scope.get("method", "GET"), route, self.target.prefix)
-        if self._openai:
-            outcome.kind = None if (kind := call_kind(route)) is None else kind.name
+        kind = call_kind(route) if self._openai else None
+        if kind is not None:
+            outcome.kind = kind.name
         if scope["type"] == "websocket":
             try:
                 await self._websocket(scope, receive, send, rest, outcome)
@@ -162,6 +163,7 @@ class Forwarder:
                 rest,
                 outcome,
                 watch,
+                kind,
             )
         except asyncio.CancelledError:
             if not watch.gone:
@@ -181,6 +183,7 @@ class Forwarder:
         rest: bytes,
         outcome: Outcome,
         watch: HangUpWatch,
+        kind: CallKind | None,
     ) -> None:
         if not is_safe_rest(rest):
             await send_error(send, 400, "Invalid request path")
@@ -227,8 +230,13 @@ class Forwarder:
         observers: list[Observer] = []
         ticket: Ticket | None = None
         extra = cors  # headers added to the relayed response
-        if self._inspects and scope["method"] == "POST" and isinstance(body, bytes):
-            call = self._call(scope, outcome, body, creds)
+        if (
+            kind is not None
+            and self._inspects
+            and scope["method"] == "POST"
+            and isinstance(body, bytes)
+        ):
+            call = self._call(scope, kind, outcome, body, creds)
             if call is not None:
                 # A feature that cannot take a request (a body nested past what its encoder
                 # goes, say) is skipped for it: the request still goes upstream.
@@ -343,10 +351,9 @@ class Forwarder:
         interval = self._pacing.get(route)
         return self._pacing.get(canonical_route(route)) if interval is None else interval
 
-    def _call(self, scope: Scope, outcome: Outcome, body: bytes, creds: Credentials) -> Call | None:
-        kind: CallKind | None = call_kind(outcome.route)
-        if kind is None:
-            return None
+    def _call(
+        self, scope: Scope, kind: CallKind, outcome: Outcome, body: bytes, creds: Credentials
+    ) -> Call | None:
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
