@@ -17,6 +17,7 @@ import orjson
 DONE = b"[DONE]"  # the data of OpenAI's last event
 # An event ends at a blank line, whichever line ending the server uses.
 _TERMINATOR = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
+_DATA_LINE = re.compile(rb"^data: ?(.*)$", re.MULTILINE)
 
 
 class EventSplitter:
@@ -63,6 +64,21 @@ def split_stream(body: bytes) -> list[bytes]:
     if rest:
         events.append(rest)
     return events
+
+
+def stream_payloads(body: bytes) -> list[bytes]:
+    """``stream_data(split_stream(body))``: the ``data`` of each event of a whole stream body.
+
+    Most streams (OpenAI's among them) are ``data: ...`` lines each followed by a blank line.
+    When every ``data:`` line of a body follows a blank line (or opens the body), no event has
+    a second data line, and the data lines can be picked straight from the body: about half the
+    time of splitting it into events first *(micro, a 20-event stream)*. A body with a data line
+    right after another line of its event (``event:``, ``id:``, a second ``data:``) or with
+    carriage returns in its line endings takes the general path.
+    """
+    if b"\r" not in body and body.count(b"\ndata:") == body.count(b"\n\ndata:"):
+        return [data.strip() for data in _DATA_LINE.findall(body)]
+    return stream_data(split_stream(body))
 
 
 def stream_data(events: Iterable[bytes]) -> list[bytes]:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from openai_forward.paths import is_safe_rest, match_prefix
-from openai_forward.sse import EventSplitter, event_data, parse_data, split_stream, stream_data
+from openai_forward.sse import (
+    EventSplitter,
+    event_data,
+    parse_data,
+    split_stream,
+    stream_data,
+    stream_payloads,
+)
 
 
 @pytest.mark.parametrize(
@@ -145,6 +154,7 @@ def test_stream_split_at_any_place_gives_the_same_events(body, events, data):
     the whole body; read whole, the body gives the same events and their data."""
     assert split_stream(body) == events
     assert stream_data(split_stream(body)) == data
+    assert stream_payloads(body) == data
     for chunks in _cuts(body):
         splitter = EventSplitter()
         found = [event for chunk in chunks for event in splitter.feed(chunk)]
@@ -211,3 +221,20 @@ def test_client_address_trust_is_remembered_but_stays_right():
     for _ in range(2):  # the second round is answered from the memo
         assert resolve(_scope("10.0.0.1", "203.0.113.7")) == "203.0.113.7"
         assert resolve(_scope("192.0.2.1", "203.0.113.7")) == "192.0.2.1"
+
+
+_LINES = st.sampled_from(
+    [b"data: {}", b"data:1", b"data:  2 ", b"data", b"data: [DONE]", b"id: 3", b"event: x", b": c"]
+)
+_ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(st.lists(st.tuples(_LINES, _ENDINGS, st.booleans()), max_size=12), st.booleans())
+def test_stream_payloads_is_the_general_reading(lines, same_endings):
+    """The shortcut for plain ``data:`` streams gives what splitting into events gives, for any
+    mix of fields, blank lines and line endings."""
+    body = b"".join(
+        line + (b"\n" if same_endings else ending) + (b"\n" if blank else b"")
+        for line, ending, blank in lines
+    )
+    assert stream_payloads(body) == stream_data(split_stream(body))

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.sse import DONE, parse_data, split_stream, stream_data
+from openai_forward.sse import DONE, parse_data, stream_payloads
 
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 # Message fields rendered as deltas of their own, in this order, before any other field.
@@ -66,7 +66,7 @@ def is_embedding_list(body: bytes) -> bool:
 def chat_from_sse(body: bytes) -> bytes | None:
     """A ``chat.completion`` assembled from a whole stream, or None unless the stream reached
     ``data: [DONE]`` with no error event on the way."""
-    payloads = stream_data(split_stream(body))
+    payloads = stream_payloads(body)
     if DONE not in payloads:
         return None
     chunks = parse_data(payloads[: payloads.index(DONE)])

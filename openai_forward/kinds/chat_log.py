@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from openai_forward.kinds.answer import Answer, Choice
-from openai_forward.sse import DONE, parse_data, split_stream, stream_data
+from openai_forward.sse import DONE, parse_data, split_stream, stream_data, stream_payloads
 
 
 def _add_tool_call_delta(choice: Choice, position: int, delta: Any) -> None:
@@ -86,7 +86,7 @@ def stream_objects(head: bytes, tail: bytes, answer: Answer) -> list[Any]:
     """The JSON values of a stream's events, ``[DONE]`` left out. ``tail`` is the end of a body
     too long to keep whole (``head`` is its start): it begins mid-event, so its first, partial
     event is skipped. An event that is not JSON is skipped and marks ``answer`` malformed."""
-    payloads = stream_data(split_stream(head))
+    payloads = stream_payloads(head)
     if tail:
         payloads += stream_data(split_stream(tail)[1:])
     payloads = [data for data in payloads if data and data != DONE]

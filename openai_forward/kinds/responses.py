@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.sse import DONE, parse_data, split_stream, stream_data
+from openai_forward.sse import DONE, parse_data, stream_payloads
 
 COMPLETED = "response.completed"
 INCOMPLETE = "response.incomplete"
@@ -65,7 +65,7 @@ def is_whole(body: bytes) -> bool:
 def from_stream(body: bytes) -> bytes | None:
     """The final response of a whole stream, or None unless the stream reached
     ``response.completed`` with no error, failure or incompleteness on the way."""
-    payloads = [data for data in stream_data(split_stream(body)) if data != DONE]
+    payloads = [data for data in stream_payloads(body) if data != DONE]
     events = parse_data(payloads)
     if events is None:
         return None
