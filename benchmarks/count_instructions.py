@@ -67,7 +67,8 @@ def count(
     out_dir = Path(tempfile.mkdtemp(prefix="callgrind-"))
     aifd = str(Path(sys.executable).parent / "aifd")
     command = [
-        *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/out.%p"),
+        *("valgrind", "--tool=callgrind", "--trace-children=yes"),
+        f"--callgrind-out-file={out_dir}/out.%p",
         *(aifd, "run", "--port", "{port}", "--host", "{host}", "--workers", "1"),
     ]
     redis_url, redis_prefix = redis
