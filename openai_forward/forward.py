@@ -31,7 +31,7 @@ from openai_forward.ratelimit import RequestLimiter
 from openai_forward.ratelimit.rules import canonical_route
 from openai_forward.relay import ending_reason, relay
 from openai_forward.settings import Settings, Target
-from openai_forward.types import CUT, Message, Receive, Scope, Send
+from openai_forward.types import CUT, HANG_UP, HangUpHook, Message, Receive, Scope, Send
 from openai_forward.upstream import Response, Upstream, UpstreamBroken
 from openai_forward.websocket import key_from_protocols, refuse, relay_websocket
 
@@ -45,22 +45,28 @@ class HangUpWatch:
     """Cancels the request's task when the client hangs up while the proxy waits on or relays
     the upstream's answer, so the upstream request is aborted at once.
 
-    The server's ``send`` does not fail after a hang-up (uvicorn's is silent then): only
-    ``receive()``, which no one else calls once the body is in, tells. The watch starts when the
-    request body has been read whole.
+    The server's ``send`` does not fail after a hang-up (uvicorn's is silent then). The proxy's
+    own server protocol calls back when the connection is lost (the scope's ``HANG_UP``);
+    under another server, a task waits on ``receive()``, which no one else calls once the body
+    is in, for ``http.disconnect``. The watch starts when the request body has been read whole.
     """
 
-    __slots__ = ("_receive", "_stopped", "_task", "_watcher", "gone")
+    __slots__ = ("_hook", "_receive", "_started", "_stopped", "_task", "_watcher", "gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive) -> None:
         self.gone = False
-        self._stopped = False
+        self._started = self._stopped = False
+        self._hook: HangUpHook | None = scope.get(HANG_UP)
         self._receive = receive
         self._task = asyncio.current_task()
         self._watcher: asyncio.Future[Message] | None = None
 
     def start(self) -> None:
-        if self._watcher is not None or self._stopped:
+        if self._started or self._stopped:
+            return
+        self._started = True
+        if self._hook is not None:
+            self._hook(self._hung_up)
             return
         try:
             # ensure_future: ``receive`` need only return an awaitable
@@ -72,15 +78,22 @@ class HangUpWatch:
         self._watcher.add_done_callback(self._on_message)
 
     def _on_message(self, watcher: asyncio.Future[Message]) -> None:
-        if self._stopped or watcher.cancelled() or watcher.exception() is not None:
+        if watcher.cancelled() or watcher.exception() is not None:
             return
-        if watcher.result()["type"] == "http.disconnect" and self._task is not None:
-            self.gone = True
-            # the message tells observers why (a shutdown's cancellation has another)
-            self._task.cancel(CLIENT_LEFT)
+        if watcher.result()["type"] == "http.disconnect":
+            self._hung_up()
+
+    def _hung_up(self) -> None:
+        if self._stopped or self._task is None:
+            return
+        self.gone = True
+        # the message tells observers why (a shutdown's cancellation has another)
+        self._task.cancel(CLIENT_LEFT)
 
     def stop(self) -> None:
         self._stopped = True
+        if self._hook is not None and self._started:
+            self._hook(None)
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
 
@@ -154,7 +167,7 @@ class Forwarder:
                 if self._reporters:
                     report(outcome, self._reporters)
             return
-        watch = HangUpWatch(receive)
+        watch = HangUpWatch(scope, receive)
         try:
             await self._forward(
                 scope,

@@ -19,12 +19,13 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from openai_forward.types import CUT
+from openai_forward.types import CUT, HANG_UP
 
 if TYPE_CHECKING:
     from openai_forward.settings import Settings
@@ -134,6 +135,8 @@ class BoundedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        if isinstance(self.cycle, ProxyCycle) and self.cycle.disconnected:
+            self.cycle.hung_up()
 
     def send_400_response(self, msg: str) -> None:
         # The parser reports an exception raised in a callback as a malformed request.
@@ -170,6 +173,8 @@ class BoundedProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # uvicorn builds its own cycle for each request; ours adds to it (see ProxyCycle)
         cycle.__class__ = ProxyCycle
+        assert isinstance(cycle, ProxyCycle)
+        cycle.scope[HANG_UP] = cycle.watch_hang_up  # type: ignore[literal-required]  # ours
         super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
@@ -235,7 +240,7 @@ class BoundedProtocol(HttpToolsProtocol):
 
 
 class ProxyCycle(RequestResponseCycle):
-    """uvicorn's request cycle, with three differences:
+    """uvicorn's request cycle, with four differences:
 
     - for an HTTP/1.0 client, an answer without Content-Length is sent as it comes and ended by
       closing the connection (uvicorn would frame it as chunked, which such a client cannot read);
@@ -243,10 +248,31 @@ class ProxyCycle(RequestResponseCycle):
       connection closed without an error in the log (a relayed answer the upstream broke off is
       logged once, by the proxy);
     - a response cut by a shutdown that outlasted the graceful timeout is one line in the log,
-      not a traceback.
+      not a traceback;
+    - the app can be told of a hang-up by a callback (the scope's :data:`HANG_UP`) rather than
+      by a task of its own waiting on ``receive()`` for ``http.disconnect``: a task per request
+      costs more CPU than the callback.
     """
 
     _close_delimited = False
+    _on_hang_up: Callable[[], None] | None = None
+
+    def watch_hang_up(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once if the client hangs up before the response is complete; None
+        withdraws it. Reading from the client stays on meanwhile (as while ``receive()`` waits),
+        so that its end of the connection is seen."""
+        self._on_hang_up = callback
+        if callback is None:
+            return
+        if self.disconnected:
+            self.hung_up()
+        elif not self.response_complete:
+            self.flow.resume_reading()
+
+    def hung_up(self) -> None:
+        callback, self._on_hang_up = self._on_hang_up, None
+        if callback is not None:
+            callback()
 
     async def run_asgi(self, app: Any) -> None:
         async def app_that_may_be_cut(scope: Any, receive: Any, send: Any) -> None:

@@ -96,16 +96,23 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
 
 
 class ProxyServer:
-    """Our app served by a real uvicorn on 127.0.0.1, in a thread with its own event loop."""
+    """Our app served by a real uvicorn on 127.0.0.1, in a thread with its own event loop; with
+    ``http="httptools"``, on uvicorn's own protocol instead of ours (as ``uvicorn
+    openai_forward.app:app`` serves it)."""
 
-    def __init__(self, settings: Settings, reporters: Sequence[Reporter] = ()) -> None:
+    def __init__(
+        self, settings: Settings, reporters: Sequence[Reporter] = (), http: str | None = None
+    ) -> None:
         self.settings = settings
         self.app = create_app(settings, reporters=reporters)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
+        options = uvicorn_options(settings)
+        if http is not None:
+            options["http"] = http
+        config = uvicorn.Config(self.app, log_level="warning", **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -142,9 +149,11 @@ def make_settings(env: dict[str, str]) -> Settings:
 def proxy_factory() -> Iterator[Callable[..., ProxyServer]]:
     started: list[ProxyServer] = []
 
-    def start(reporters: Sequence[Reporter] = (), **env: Any) -> ProxyServer:
+    def start(
+        reporters: Sequence[Reporter] = (), http: str | None = None, **env: Any
+    ) -> ProxyServer:
         settings = make_settings({k: str(v) for k, v in env.items()})
-        server = ProxyServer(settings, reporters).start()
+        server = ProxyServer(settings, reporters, http).start()
         started.append(server)
         return server
 

@@ -566,7 +566,7 @@ async def test_hang_up_watch_takes_any_awaitable_receive_and_survives_a_broken_o
     loop = asyncio.get_running_loop()
 
     async def request(receive) -> str:
-        watch = forward.HangUpWatch(receive)
+        watch = forward.HangUpWatch({}, receive)
         watch.start()
         try:
             await asyncio.sleep(2)

@@ -72,13 +72,21 @@ async def wait_for_abort(stream: PacedStream, within: float) -> float:
     return stream.aborted_at
 
 
+# The proxy's own server protocol tells of a hang-up by a callback; under uvicorn's (``uvicorn
+# openai_forward.app:app``) a task waits on ``receive()``. Both are tested.
+SERVERS = pytest.mark.parametrize("http", [None, "httptools"], ids=["aifd", "plain-uvicorn"])
+
+
+@SERVERS
 @pytest.mark.parametrize("events", [3, 40], ids=["short", "long"])
 async def test_hang_up_mid_stream_aborts_the_upstream_within_an_event(
-    proxy_factory, upstream, events: int, tmp_path: Path
+    proxy_factory, upstream, events: int, tmp_path: Path, http: str | None
 ):
     stream = PacedStream(events=events, pause=0.1)
     upstream.route("/v1/chat/completions", stream)
-    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=tmp_path)
+    proxy = proxy_factory(
+        http=http, OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=tmp_path
+    )
     reader, writer = await open_stream(proxy.port)
     await asyncio.wait_for(reader.readuntil(b"data: "), 5)  # the first event is on its way
     left_at = time.monotonic()
@@ -91,12 +99,15 @@ async def test_hang_up_mid_stream_aborts_the_upstream_within_an_event(
     assert answer["complete"] is False and answer["reason"] == "client left"
 
 
+@SERVERS
 async def test_hang_up_before_the_first_event_aborts_the_upstream(
-    proxy_factory, upstream, tmp_path: Path
+    proxy_factory, upstream, tmp_path: Path, http: str | None
 ):
     stream = PacedStream(events=5, pause=0.1, delay=1.0)
     upstream.route("/v1/chat/completions", stream)
-    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=tmp_path)
+    proxy = proxy_factory(
+        http=http, OPENAI_BASE_URL=upstream.url, LOG_CHAT="true", LOG_FOLDER=tmp_path
+    )
     _, writer = await open_stream(proxy.port)
     await asyncio.sleep(0.2)  # the proxy waits for the upstream's head
     left_at = time.monotonic()
