@@ -14,6 +14,7 @@ requests than in real use; the ``log-chat`` and ``features-on`` rows overstate t
 
     python benchmarks/count_instructions.py                       # bare and every feature
     python benchmarks/count_instructions.py --features bare,cache-miss -n 500
+    python benchmarks/count_instructions.py --features bare,features-on --stream  # 20-event streams
     python benchmarks/count_instructions.py --features features-on --keep /tmp/cg   # then:
     callgrind_annotate /tmp/cg/features-on.*   # where the instructions go, by function
 
@@ -35,22 +36,29 @@ from pathlib import Path
 
 import run
 from run import FEATURES, FEATURES_BY_NAME, HOST, Plan, ours_base_env
+from stream_client import chat_body
 
 TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
-def send_requests(port: int, count: int, body: str, tag: str) -> None:
-    """``count`` chat completions in a row on one connection; each must be a 200."""
+def send_requests(port: int, count: int, body: str, tag: str, stream: bool = False) -> None:
+    """``count`` chat completions in a row on one connection, each a 200: JSON answers, or
+    streams of ``run.STREAM_EVENTS`` events."""
     conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    path = f"{run.CHAT_PATH}?events={run.STREAM_EVENTS}" if stream else run.CHAT_PATH
     try:
         for i in range(count):
-            payload = run.nonstream_body(body, f"{tag} {i}" if body == "vary" else tag)
+            text = f"{tag} {i}" if body == "vary" else tag
+            if stream:
+                payload = chat_body(text, stream=True, caching=None if body == "fixed" else True)
+            else:
+                payload = run.nonstream_body(body, text)
             headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-            conn.request("POST", run.CHAT_PATH, body=payload, headers=headers)
+            conn.request("POST", path, body=payload, headers=headers)
             response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise run.PhaseFailed(f"request {i}: status {response.status}")
+            answer = response.read()
+            if response.status != 200 or (stream and not answer.endswith(b"data: [DONE]\n\n")):
+                raise run.PhaseFailed(f"request {i}: status {response.status}: {answer[-200:]!r}")
     finally:
         conn.close()
 
@@ -61,6 +69,7 @@ def count(
     requests: int,
     redis: tuple[str, str],
     keep: Path | None = None,
+    stream: bool = False,
 ) -> int:
     """Instructions per request of our proxy with ``feature`` switched on; ``redis`` is the
     (URL, key prefix) that fill the table's placeholders."""
@@ -81,10 +90,10 @@ def count(
         feature.name, command, {**ours_base_env(upstream), **env}, 0, plan, ready_within=180
     )
     try:
-        send_requests(server.port, 100, feature.body, "warm-up")
+        send_requests(server.port, 100, feature.body, "warm-up", stream)
         control = ["callgrind_control"]
         subprocess.run([*control, "-z", str(server.process.pid)], check=True, capture_output=True)
-        send_requests(server.port, requests, feature.body, f"counted {time.time()}")
+        send_requests(server.port, requests, feature.body, f"counted {time.time()}", stream)
         subprocess.run([*control, "-d", str(server.process.pid)], check=True, capture_output=True)
         dumps = sorted(out_dir.glob("out.*.*"))  # the dump on request; not the one at exit
         totals = [int(m) for path in dumps for m in TOTALS.findall(path.read_bytes())[:1]]
@@ -106,6 +115,7 @@ def main() -> int:
     parser.add_argument("-n", "--requests", type=int, default=1000, help="counted requests")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps to this folder")
+    parser.add_argument("--stream", action="store_true", help="20-event streams, not JSON answers")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is needed: apt-get install -y valgrind")
@@ -129,7 +139,7 @@ def main() -> int:
             upstream = f"http://{HOST}:{mock.port}"
             used_redis = used_redis or feature.needs_redis
             redis = (redis_url, redis_prefix)
-            per_request = count(feature, upstream, args.requests, redis, args.keep)
+            per_request = count(feature, upstream, args.requests, redis, args.keep, args.stream)
             base = base or per_request
             added = f"{per_request - base:+,}" if name != "bare" else "-"
             rows.append([name, f"{per_request:,}", added, f"{per_request / base:.2f}"])

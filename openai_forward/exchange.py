@@ -44,6 +44,9 @@ class Call:
     user: str | None  # hashed forward key, if the client sent one
     uid: str = ""  # set by the chat log
     query: bytes = b""  # the raw query string (part of the cache key)
+    # The answer as one JSON document, when the cache assembled one from a whole stream (its
+    # entry); the chat log then reads that instead of assembling the stream a second time.
+    assembled: bytes | None = None
 
     @property
     def stream(self) -> bool:

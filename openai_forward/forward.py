@@ -253,9 +253,10 @@ class Forwarder:
             if call is not None:
                 # A feature that cannot take a request (a body nested past what its encoder
                 # goes, say) is skipped for it: the request still goes upstream.
+                logged: Observer | None = None
                 if self._chatlog is not None:
                     try:
-                        observers.append(self._chatlog.request(call))
+                        logged = self._chatlog.request(call)
                     except Exception as exc:
                         _skipped("chat log", outcome, exc)
                 if self._cache is not None:
@@ -265,12 +266,16 @@ class Forwarder:
                         _skipped("cache", outcome, exc)
                     if ticket is not None and ticket.answer is not None:
                         outcome.cache = "HIT"
-                        await ticket.replay(send, cors, call.stream, observers)
+                        await ticket.replay(send, cors, call.stream, [logged] if logged else [])
                         return
                     if ticket is not None:
                         outcome.cache = "MISS"
                         observers.append(ticket)
                         extra = [*cors, *ticket.headers]
+                if logged is not None:
+                    # After the cache's ticket, which closes first: the chat log then reads the
+                    # answer the ticket assembled from a stream (``call.assembled``), if any.
+                    observers.append(logged)
                 body = call.body
 
         try:

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from openai_forward.chatlog import records as records_module
 from tests import fake_openai
 
 REAL_KEY = "sk-real-0123456789abcdefSECRET"
@@ -466,3 +467,52 @@ def test_unwritable_log_folder_stops_start_up_with_one_line(tmp_path: Path):
     assert result.stderr.strip() == (
         "aifd: LOG_FOLDER='file/Log': expected a folder this user can create (Not a directory)"
     )
+
+
+async def test_a_stream_beside_the_cache_is_logged_as_without_it(
+    proxy_factory, upstream, tmp_path, monkeypatch
+):
+    """With the cache on, the chat log reads a stream from the entry the cache assembled of it
+    rather than assembling it again: the records are those of a log without the cache, for
+    text in two choices, a tool call and a Responses stream."""
+    fake_openai.install(upstream)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    records = []
+    streams_read = []  # how many answers the chat log read from their own bytes
+    read_answer = records_module._read_answer
+
+    def counted(*args):
+        streams_read.append(args[0].name)
+        return read_answer(*args)
+
+    monkeypatch.setattr(records_module, "_read_answer", counted)
+    for cache in ("false", "true"):
+        root = tmp_path / f"cache-{cache}"
+        proxy = proxy_factory(
+            OPENAI_BASE_URL=upstream.url,
+            LOG_CHAT="true",
+            LOG_FOLDER=str(root),
+            CACHE_CHAT_COMPLETION=cache,
+        )
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-x") as ai:
+            for options in ({"n": 2}, {"tools": tools}):
+                stream = await ai.chat.completions.create(
+                    model="m", messages=HELLO, stream=True, **options
+                )
+                async for _ in stream:
+                    pass
+            async with ai.responses.stream(model="m", input="hello there") as events:
+                await events.get_final_response()
+        chat = pairs(read_records(root / "openai" / "chat" / "chat.log", 4))
+        responses = pairs(read_records(root / "openai" / "responses" / "responses.log", 2))
+        answers = [answer for _, answer in chat + responses]
+        for answer in answers:
+            assert answer.pop("uid") and answer["complete"] is True
+        assert answers[2].pop("response_id").startswith("resp_")  # the fake's counter
+        records.append(answers)
+    without_cache, with_cache = records
+    assert with_cache == without_cache
+    assert streams_read == ["chat", "chat", "responses"]  # without the cache only
+    assert [len(a["choices"]) for a in with_cache[:1]] == [2]
+    assert with_cache[1]["is_tool_calls"] is True
+    assert with_cache[2]["assistant"] == "echo: hello there"

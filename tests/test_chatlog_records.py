@@ -9,10 +9,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from openai_forward.cache.tickets import Miss
 from openai_forward.chatlog import AnswerObserver, Asked, ChatLog
 from openai_forward.chatlog.records import request_record, response_record
 from openai_forward.exchange import Call
 from openai_forward.kinds import CHAT, COMPLETION, EMBEDDING
+from openai_forward.kinds.chat import chat_from_sse
 from openai_forward.settings import Target
 
 SSE = [(b"content-type", b"text/event-stream")]
@@ -32,120 +34,119 @@ def tool(index: int, **fields) -> dict:
     return {"index": index, **fields}
 
 
-@pytest.mark.parametrize(
-    "body, expected",
-    [
-        pytest.param(
-            sse(
-                delta(role="assistant", content=""),
-                delta(content="Hi"),
-                delta(content=" you"),
-                delta(finish="stop"),
+CHAT_STREAMS = [
+    pytest.param(
+        sse(
+            delta(role="assistant", content=""),
+            delta(content="Hi"),
+            delta(content=" you"),
+            delta(finish="stop"),
+        ),
+        {"assistant": "Hi you", "is_tool_calls": False, "finish_reason": "stop"},
+        id="text",
+    ),
+    pytest.param(
+        sse(delta(content="a"), delta(content="b"), sep=b"\r\n\r\n"),
+        {"assistant": "ab", "is_tool_calls": False, "finish_reason": None},
+        id="crlf",
+    ),
+    pytest.param(
+        b'data:{"choices":[{"delta":{"content":"no space, no index"}}]}\n\n',
+        {"assistant": "no space, no index", "is_tool_calls": False, "finish_reason": None},
+        id="compact",
+    ),
+    pytest.param(
+        sse(delta(content="x"), done=False) + b'data: {"choices": [{"delta": {"content": "y"}}]}',
+        {"assistant": "xy", "is_tool_calls": False, "finish_reason": None},
+        id="last-event-unterminated",
+    ),
+    pytest.param(
+        sse(
+            delta(
+                tool_calls=[
+                    tool(0, id="a", type="function", function={"name": "f", "arguments": ""})
+                ]
             ),
-            {"assistant": "Hi you", "is_tool_calls": False, "finish_reason": "stop"},
-            id="text",
-        ),
-        pytest.param(
-            sse(delta(content="a"), delta(content="b"), sep=b"\r\n\r\n"),
-            {"assistant": "ab", "is_tool_calls": False, "finish_reason": None},
-            id="crlf",
-        ),
-        pytest.param(
-            b'data:{"choices":[{"delta":{"content":"no space, no index"}}]}\n\n',
-            {"assistant": "no space, no index", "is_tool_calls": False, "finish_reason": None},
-            id="compact",
-        ),
-        pytest.param(
-            sse(delta(content="x"), done=False)
-            + b'data: {"choices": [{"delta": {"content": "y"}}]}',
-            {"assistant": "xy", "is_tool_calls": False, "finish_reason": None},
-            id="last-event-unterminated",
-        ),
-        pytest.param(
-            sse(
-                delta(
-                    tool_calls=[
-                        tool(0, id="a", type="function", function={"name": "f", "arguments": ""})
-                    ]
-                ),
-                delta(
-                    tool_calls=[
-                        tool(1, id="b", type="function", function={"name": "g", "arguments": '{"y'})
-                    ]
-                ),
-                delta(tool_calls=[tool(0, function={"arguments": '{"x": '})]),
-                delta(
-                    tool_calls=[
-                        tool(0, function={"arguments": "1}"}),
-                        tool(1, function={"arguments": '": 2}'}),
-                    ]
-                ),
-                delta(finish="tool_calls"),
+            delta(
+                tool_calls=[
+                    tool(1, id="b", type="function", function={"name": "g", "arguments": '{"y'})
+                ]
             ),
-            {
-                "assistant": [
-                    {
-                        "id": "a",
-                        "type": "function",
-                        "function": {"name": "f", "arguments": '{"x": 1}'},
-                    },
-                    {
-                        "id": "b",
-                        "type": "function",
-                        "function": {"name": "g", "arguments": '{"y": 2}'},
-                    },
-                ],
-                "is_tool_calls": True,
-                "finish_reason": "tool_calls",
-            },
-            id="two-tool-calls-interleaved",
-        ),
-        pytest.param(
-            sse(
-                delta(content="Let me check."),
-                delta(tool_calls=[tool(0, id="a", function={"name": "f", "arguments": "{}"})]),
+            delta(tool_calls=[tool(0, function={"arguments": '{"x": '})]),
+            delta(
+                tool_calls=[
+                    tool(0, function={"arguments": "1}"}),
+                    tool(1, function={"arguments": '": 2}'}),
+                ]
             ),
-            {
-                "assistant": [
-                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-                ],
-                "is_tool_calls": True,
-                "finish_reason": None,
-                "content": "Let me check.",
-            },
-            id="text-and-tool-call",
+            delta(finish="tool_calls"),
         ),
-        pytest.param(
-            sse(
-                delta(function_call={"name": "f", "arguments": "{"}),
-                delta(function_call={"arguments": "}"}),
-                delta(finish="function_call"),
-            ),
-            {
-                "assistant": [
-                    {"id": None, "type": "function", "function": {"name": "f", "arguments": "{}"}}
-                ],
-                "is_tool_calls": True,
-                "finish_reason": "function_call",
-            },
-            id="legacy-function-call",
+        {
+            "assistant": [
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"x": 1}'},
+                },
+                {
+                    "id": "b",
+                    "type": "function",
+                    "function": {"name": "g", "arguments": '{"y": 2}'},
+                },
+            ],
+            "is_tool_calls": True,
+            "finish_reason": "tool_calls",
+        },
+        id="two-tool-calls-interleaved",
+    ),
+    pytest.param(
+        sse(
+            delta(content="Let me check."),
+            delta(tool_calls=[tool(0, id="a", function={"name": "f", "arguments": "{}"})]),
         ),
-        pytest.param(
-            sse(
-                delta(reasoning_content="think"),
-                delta(reasoning_content="ing"),
-                delta(content="42"),
-            ),
-            {
-                "assistant": "42",
-                "is_tool_calls": False,
-                "finish_reason": None,
-                "reasoning": "thinking",
-            },
-            id="reasoning",
+        {
+            "assistant": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+            "is_tool_calls": True,
+            "finish_reason": None,
+            "content": "Let me check.",
+        },
+        id="text-and-tool-call",
+    ),
+    pytest.param(
+        sse(
+            delta(function_call={"name": "f", "arguments": "{"}),
+            delta(function_call={"arguments": "}"}),
+            delta(finish="function_call"),
         ),
-    ],
-)
+        {
+            "assistant": [
+                {"id": None, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+            "is_tool_calls": True,
+            "finish_reason": "function_call",
+        },
+        id="legacy-function-call",
+    ),
+    pytest.param(
+        sse(
+            delta(reasoning_content="think"),
+            delta(reasoning_content="ing"),
+            delta(content="42"),
+        ),
+        {
+            "assistant": "42",
+            "is_tool_calls": False,
+            "finish_reason": None,
+            "reasoning": "thinking",
+        },
+        id="reasoning",
+    ),
+]
+
+
+@pytest.mark.parametrize("body, expected", CHAT_STREAMS)
 def test_chat_stream_assembly(body: bytes, expected: dict):
     record = response_record(CHAT, "u", 200, SSE, body, complete=True)
     summary = {k: v for k, v in record.items() if k not in ("uid", "status", "cached", "complete")}
@@ -154,6 +155,28 @@ def test_chat_stream_assembly(body: bytes, expected: dict):
     # The same events with CRLF boundaries give the same record.
     general = response_record(CHAT, "u", 200, SSE, body.replace(b"\n", b"\r\n"), complete=True)
     assert general == record
+
+
+@pytest.mark.parametrize(
+    "body", [p.values[0] for p in CHAT_STREAMS if chat_from_sse(p.values[0]) is not None]
+)
+def test_a_stream_read_from_the_cache_entry_made_of_it_gives_the_same_record(body: bytes):
+    """Beside the cache, the chat log reads a whole stream from the entry the cache assembled
+    of it (``assembled``), which must say what the stream said."""
+    call = Call(Target("http://x", "/", "openai"), CHAT, "/v1/chat/completions", {}, b"", "", None)
+    miss = Miss(lambda *settled: None, b"k", None, CHAT.cache, call)  # type: ignore[arg-type]
+    miss.start(200, SSE)
+    miss.feed(body)
+    miss.close(True)
+    assert call.assembled == chat_from_sse(body) is not None
+    from_entry = response_record(CHAT, "u", 200, SSE, body, complete=True, assembled=call.assembled)
+    assert from_entry == response_record(CHAT, "u", 200, SSE, body, complete=True)
+    # Only a stream read whole is read from its entry: a truncated one keeps its own reading.
+    kept = response_record(CHAT, "u", 200, SSE, body[:40], complete=True, truncated=True)
+    cut = response_record(
+        CHAT, "u", 200, SSE, body[:40], complete=True, truncated=True, assembled=call.assembled
+    )
+    assert cut == kept and cut["complete"] is False
 
 
 def test_choices_usage_and_error_in_stream():

@@ -109,7 +109,7 @@ class ResponseCache:
         reads = flag if isinstance(flag, bool) else self._read_by_default
         if not reads or (self._members_only and call.user is None):
             # It may not read, but its fresh answer refreshes the entry.
-            return Miss(self._settle, key, None, rules)
+            return Miss(self._settle, key, None, rules, call)
         answer = self._writing.get(key)
         if answer is None and key not in self._flights:
             answer = await self._read(key)
@@ -119,14 +119,14 @@ class ResponseCache:
             flight = self._flights.get(key)
             if flight is None:
                 flight = self._flights[key] = asyncio.get_running_loop().create_future()
-                return Miss(self._settle, key, flight, rules)
+                return Miss(self._settle, key, flight, rules, call)
             # Shielded: a follower that goes away must not cancel the others' wait.
             answer = await asyncio.shield(flight)
             if answer is None:
                 # The first call got no storable answer. Followers go upstream together rather
                 # than one after another: an error is likely to repeat, and queueing them would
                 # multiply the wait.
-                return Miss(self._settle, key, None, rules)
+                return Miss(self._settle, key, None, rules, call)
         return Hit(answer, rules, payload)
 
     def _settle(

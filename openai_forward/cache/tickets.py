@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from openai_forward.exchange import Headers, Observer
+from openai_forward.exchange import Call, Headers, Observer
 from openai_forward.kinds import CacheRules
 from openai_forward.types import Send
 
@@ -98,9 +98,20 @@ class Miss(Ticket):
     """Collects a 2xx answer as it is relayed; on a complete body, builds the entry and calls
     ``settle(key, flight, entry)``. Anything else (error status, broken or cut body, a stream
     that did not end as its kind's streams end) settles with None: nothing is stored and
-    callers waiting on this one go to the upstream."""
+    callers waiting on this one go to the upstream. An entry assembled from a stream is also
+    left in ``call.assembled``, for the chat log."""
 
-    __slots__ = ("_chunks", "_collect", "_flight", "_key", "_rules", "_settle", "_size", "_sse")
+    __slots__ = (
+        "_call",
+        "_chunks",
+        "_collect",
+        "_flight",
+        "_key",
+        "_rules",
+        "_settle",
+        "_size",
+        "_sse",
+    )
     headers = (X_CACHE_MISS,)
 
     def __init__(
@@ -109,11 +120,13 @@ class Miss(Ticket):
         key: bytes,
         flight: asyncio.Future[bytes | None] | None,
         rules: CacheRules,
+        call: Call | None = None,
     ) -> None:
         self._settle: Settle | None = settle
         self._key = key
         self._flight = flight
         self._rules = rules
+        self._call = call
         self._chunks: list[bytes] = []
         self._size = 0
         self._collect = False
@@ -149,9 +162,12 @@ class Miss(Ticket):
             if self._sse:
                 from_stream = self._rules.from_stream
                 entry = from_stream(body) if from_stream is not None else None
+                if self._call is not None:
+                    self._call.assembled = entry
             elif self._rules.is_whole(body):
                 entry = body
         self._chunks = []
+        self._call = None
         settle(self._key, self._flight, entry)
 
     def release(self) -> None:

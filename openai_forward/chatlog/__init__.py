@@ -56,7 +56,7 @@ class ChatLog:
         kind = call.kind
         path = f"{call.target.log_name}/{kind.log.folder}/{kind.log.folder}.log"
         asked = Asked(kind, call.payload, call.client, uid, call.user, time.time())
-        observer = AnswerObserver(self, path, asked)
+        observer = AnswerObserver(self, path, asked, call)
         self._writer.submit(path, observer.request_record)
         return observer
 
@@ -90,10 +90,14 @@ class AnswerObserver:
 
     Until ``start``, ``_status`` is None (no answer came). ``_complete`` is None until
     ``close``, ``_reason`` says why an answer is not complete. Past its kind's ``keep_bytes``
-    only the answer's last ``TAIL_BYTES`` are kept."""
+    only the answer's last ``TAIL_BYTES`` are kept. At ``close`` the call's ``assembled``
+    answer is taken if the cache made one of a stream (the observers before this one have
+    closed by then), and the call is let go: it holds the request's raw body."""
 
     __slots__ = (
         "_asked",
+        "_assembled",
+        "_call",
         "_chunks",
         "_complete",
         "_headers",
@@ -106,10 +110,12 @@ class AnswerObserver:
         "_tail",
     )
 
-    def __init__(self, log: ChatLog, path: str, asked: Asked) -> None:
+    def __init__(self, log: ChatLog, path: str, asked: Asked, call: Call | None = None) -> None:
         self._log = log
         self._path = path
         self._asked = asked
+        self._call = call
+        self._assembled: bytes | None = None
         self._keep = asked.kind.log.keep_bytes
         self._status: int | None = None
         self._headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -138,6 +144,8 @@ class AnswerObserver:
                 # ``finally``: the exception that cut the answer says it.
                 ended = sys.exception() if reason is None else None
                 self._reason = ending_reason(ended) if ended is not None else reason
+            if self._call is not None:
+                self._assembled, self._call = self._call.assembled, None
             self._log.submit(self._path, self.response_record)
 
     def request_record(self) -> dict[str, Any]:
@@ -160,6 +168,7 @@ class AnswerObserver:
             complete=bool(self._complete),
             truncated=self._size > len(body),
             reason=self._reason,
+            assembled=self._assembled,
         )
 
 

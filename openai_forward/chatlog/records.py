@@ -60,15 +60,21 @@ def response_record(
     complete: bool,
     truncated: bool = False,
     reason: str | None = None,
+    assembled: bytes | None = None,
 ) -> dict[str, Any]:
     """The answer's record. ``status`` None: no response came (upstream unreachable, client
     gone first). ``truncated``: the body was too long to keep whole and ``tail`` is its end.
-    ``reason``: why the answer did not reach the client whole (``complete`` False), if known."""
+    ``reason``: why the answer did not reach the client whole (``complete`` False), if known.
+    ``assembled``: the whole stream ``body`` as one JSON document (the cache's entry made of
+    it), read instead of the stream: the same record, without assembling the stream again."""
     named = dict(reversed(headers))  # name -> value of the first header of that name
     ok = status is not None and 200 <= status < 300
     if kind.log.usage_only and ok:
         truncated = False  # by design: only the ends of the answer are kept
-    answer = _read_answer(kind, ok, named, body, tail, truncated)
+    if assembled is not None and not truncated:
+        answer = kind.log.read_json(assembled)
+    else:
+        answer = _read_answer(kind, ok, named, body, tail, truncated)
     if status is not None and not ok and answer.error is None:
         answer.error = body.decode("utf-8", "replace")[:ERROR_TEXT_LIMIT]
     record = kind.log.summary(answer)
