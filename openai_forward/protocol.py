@@ -293,7 +293,12 @@ class ProxyCycle(RequestResponseCycle):
             if scope.get(CUT) and self.response_started and not self.response_complete:
                 self._cut()
 
-        await super().run_asgi(app_that_may_be_cut)
+        try:
+            await super().run_asgi(app_that_may_be_cut)
+        finally:
+            # The scope's hook refers to this cycle: without it, reference counting frees both
+            # at once (the garbage collector, which workers run seldom, would have to).
+            self.scope.pop(HANG_UP, None)  # type: ignore[misc]  # a key of ours
 
     def _cut(self) -> None:
         self.transport.close()

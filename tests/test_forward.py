@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 
@@ -620,3 +621,47 @@ def test_a_worker_settles_the_garbage_collector_and_create_app_does_not(tmp_path
     )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.strip() == b"ok"
+
+
+async def test_finished_requests_are_freed_without_the_garbage_collector(
+    proxy_factory, upstream, tmp_path
+):
+    """Workers run the garbage collector seldom (they raise its threshold): what the server
+    builds for a request must be freed by reference counting alone, or memory grows between
+    collections. After streams and JSON answers through the cache and the chat log, the
+    collector finds nothing of the proxy's stack among the unreachable objects."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response({"choices": [{"index": 0, "message": {"content": "x"}}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+        return response
+
+    upstream.route("/v1/chat/completions", chat)
+    proxy = proxy_factory(
+        OPENAI_BASE_URL=upstream.url,
+        LOG_CHAT="true",
+        LOG_FOLDER=str(tmp_path),
+        CACHE_CHAT_COMPLETION="true",
+    )
+    ours = ("openai_forward", "uvicorn", "aiohttp", "starlette", "fastapi", "multidict", "yarl")
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(3):  # a connection each
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                for i in range(10):
+                    body = {"stream": i % 2 == 0, "messages": [{"content": f"{n} {i}"}]}
+                    r = await client.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+        await asyncio.sleep(0.2)  # the server notices the connections closing
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable is kept
+        gc.collect()
+        found = {type(o).__module__ + "." + type(o).__qualname__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert sorted(name for name in found if name.startswith(ours)) == []
