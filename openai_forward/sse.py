@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 
 DONE = b"[DONE]"  # the data of OpenAI's last event
+_DONE_EVENT = b"data: [DONE]\n\n"
+_BETWEEN_EVENTS = b"\n\ndata: "  # in a plain stream: the end of one event, the next's start
 # An event ends at a blank line, whichever line ending the server uses.
 _TERMINATOR = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
 _DATA_LINE = re.compile(rb"^data: ?(.*)$", re.MULTILINE)
@@ -103,8 +105,35 @@ def parse_data(payloads: list[bytes]) -> list[Any] | None:
     """
     if not payloads:
         return []
+    return _parse_array(b"[" + b",".join(payloads) + b"]", len(payloads))
+
+
+def parse_until_done(body: bytes) -> list[Any] | None:
+    """The data of a whole stream's events before its first ``[DONE]``, parsed as JSON; None
+    when there is no ``[DONE]`` or some data before it is not a JSON value.
+
+    A stream as OpenAI sends it, ``data: <JSON on one line>`` events each followed by a blank
+    line and nothing else, ending in ``data: [DONE]``, becomes one JSON array by splitting it
+    where one event ends and the next begins: a third less than :func:`stream_payloads` first,
+    measured with cold CPU caches as in a busy server *(micro, a 20-event stream: 31 against 43
+    µs)*. Any other stream takes the general path.
+    """
+    if body.startswith(b"data: ") and body.endswith(b"\n\n" + _DONE_EVENT):
+        events = body[6 : -len(_DONE_EVENT) - 2].split(_BETWEEN_EVENTS)
+        array = b"[" + b",".join(events) + b"]"
+        if b"\n" not in array:  # else some event has another line than its data line
+            parsed = _parse_array(array, len(events))
+            if parsed is not None:
+                return parsed
+    payloads = stream_payloads(body)
+    if DONE not in payloads:
+        return None
+    return parse_data(payloads[: payloads.index(DONE)])
+
+
+def _parse_array(array: bytes, items: int) -> list[Any] | None:
     try:
-        parsed = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        parsed = orjson.loads(array)
     except orjson.JSONDecodeError:
         return None
-    return parsed if len(parsed) == len(payloads) else None
+    return parsed if isinstance(parsed, list) and len(parsed) == items else None

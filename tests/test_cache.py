@@ -291,3 +291,37 @@ async def test_hit_does_not_sleep(cached, upstream):
     assert {h[0] for h in hits} == {"HIT"}
     assert calls(upstream) == 1
     assert elapsed < 1.0  # the original slept 1-2 s on every hit; four hits here do not
+
+
+async def test_a_stream_the_cache_cannot_read_releases_the_callers_waiting_on_it(
+    cached, upstream, tmp_path
+):
+    """A 2xx stream ending in [DONE] whose chunks make no sense as a chat answer (choices with
+    an index of two types) is relayed whole and not stored, and the identical calls that waited
+    for it go upstream themselves instead of waiting forever; the chat log still records it."""
+
+    async def odd(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in ("a", 0):
+            part = {"index": index, "delta": {"content": "x"}}
+            await response.write(b"data: " + orjson.dumps({"choices": [part]}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    upstream.route(CHAT, odd)
+    proxy = cached(LOG_CHAT="true", LOG_FOLDER=str(tmp_path))
+    body = {"model": "gpt-test", "messages": HELLO, "caching": True, "stream": True}
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=5) as client:
+        answers = await asyncio.gather(*(client.post(CHAT, json=body) for _ in range(3)))
+    assert [r.headers["x-cache"] for r in answers] == ["MISS"] * 3
+    assert all(r.content.endswith(b"data: [DONE]\n\n") for r in answers)
+    assert calls(upstream) == 3
+    log = tmp_path / "openai" / "chat" / "chat.log"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (
+        not log.exists() or len(log.read_bytes().splitlines()) < 6
+    ):
+        await asyncio.sleep(0.02)
+    assert len(log.read_bytes().splitlines()) == 6

@@ -11,6 +11,7 @@ from openai_forward.sse import (
     EventSplitter,
     event_data,
     parse_data,
+    parse_until_done,
     split_stream,
     stream_data,
     stream_payloads,
@@ -238,3 +239,30 @@ def test_stream_payloads_is_the_general_reading(lines, same_endings):
         for line, ending, blank in lines
     )
     assert stream_payloads(body) == stream_data(split_stream(body))
+
+
+_EVENTS = st.sampled_from(
+    [b'data: {"a": 1}', b"data:[2]", b"data: [DONE]", b"data: {", b"data: 1, 2", b": c", b"id: 4"]
+    + [b'data: {"b":\n 2}']  # one value over two lines: only its first is data
+)
+
+
+@given(st.lists(st.tuples(_EVENTS, st.booleans()), max_size=8), st.booleans())
+def test_parse_until_done_is_the_general_reading(events, ends_done):
+    """The shortcut for OpenAI-shaped streams parses what the general reading parses: the data
+    before the first [DONE], or None, whatever the events hold (half a value, two values)."""
+    body = b"".join(event + (b"\n" if two_lines else b"\n\n") for event, two_lines in events)
+    body += b"data: [DONE]\n\n" if ends_done else b""
+    payloads = stream_data(split_stream(body))
+    general = parse_data(payloads[: payloads.index(b"[DONE]")]) if b"[DONE]" in payloads else None
+    assert parse_until_done(body) == general
+
+
+def test_parse_until_done_takes_openai_streams_and_the_rest():
+    openai_shaped = b'data: {"a": 1}\n\ndata: [2]\n\ndata: [DONE]\n\n'
+    assert parse_until_done(openai_shaped) == [{"a": 1}, [2]]
+    assert parse_until_done(openai_shaped.replace(b"\n", b"\r\n")) == [{"a": 1}, [2]]
+    assert parse_until_done(b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\ndata: [DONE]\n\n") == [1]
+    assert parse_until_done(b'data: {"a": 1}\n\n') is None
+    assert parse_until_done(b"data: 1, 2\n\ndata: [DONE]\n\n") is None
+    assert parse_until_done(b'data: {"b":\n 2}\n\ndata: [DONE]\n\n') is None

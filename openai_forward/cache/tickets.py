@@ -4,12 +4,15 @@ upstream's answer go by and hands it to the cache once it is whole, or a :class:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from openai_forward.exchange import Call, Headers, Observer
 from openai_forward.kinds import CacheRules
 from openai_forward.types import Send
+
+logger = logging.getLogger("openai_forward.cache")
 
 X_CACHE_HIT = (b"x-cache", b"HIT")
 X_CACHE_MISS = (b"x-cache", b"MISS")
@@ -157,18 +160,28 @@ class Miss(Ticket):
             return
         entry = None
         if complete and self._collect:
-            chunks = self._chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if self._sse:
-                from_stream = self._rules.from_stream
-                entry = from_stream(body) if from_stream is not None else None
-                if self._call is not None:
-                    self._call.assembled = entry
-            elif self._rules.is_whole(body):
-                entry = body
+            try:
+                entry = self._entry()
+            except Exception as exc:  # an answer shaped like no answer: not stored
+                logger.warning(
+                    "The cache did not store an answer it could not read (%s: %s)",
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
         self._chunks = []
         self._call = None
         settle(self._key, self._flight, entry)
+
+    def _entry(self) -> bytes | None:
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not self._sse:
+            return body if self._rules.is_whole(body) else None
+        from_stream = self._rules.from_stream
+        entry = from_stream(body) if from_stream is not None else None
+        if self._call is not None:
+            self._call.assembled = entry
+        return entry
 
     def release(self) -> None:
         settle, self._settle = self._settle, None

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from openai_forward.sse import DONE, parse_data, stream_payloads
+from openai_forward.sse import parse_until_done
 
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 # Message fields rendered as deltas of their own, in this order, before any other field.
@@ -66,21 +66,14 @@ def is_embedding_list(body: bytes) -> bool:
 def chat_from_sse(body: bytes) -> bytes | None:
     """A ``chat.completion`` assembled from a whole stream, or None unless the stream reached
     ``data: [DONE]`` with no error event on the way."""
-    payloads = stream_payloads(body)
-    if DONE not in payloads:
-        return None
-    chunks = parse_data(payloads[: payloads.index(DONE)])
+    chunks = parse_until_done(body)
     if chunks is None:
         return None
-    head: dict[str, Any] = {}
     choices: dict[int, _Choice] = {}
     usage = None
     for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
             return None
-        for name in _HEAD_FIELDS:
-            if name not in head and chunk.get(name) is not None:
-                head[name] = chunk[name]
         if chunk.get("usage"):
             usage = chunk["usage"]
         for part in chunk.get("choices") or ():
@@ -93,6 +86,12 @@ def chat_from_sse(body: bytes) -> bytes | None:
             choice.add(part)
     if not choices:
         return None
+    head: dict[str, Any] = {}
+    for name in _HEAD_FIELDS:  # each from the first chunk that has it
+        for chunk in chunks:
+            if chunk.get(name) is not None:
+                head[name] = chunk[name]
+                break
     answer: dict[str, Any] = {
         "id": head.get("id", ""),
         "object": "chat.completion",
@@ -124,10 +123,12 @@ class _Choice:
         self.logprobs: dict[str, Any] | None = None
 
     def add(self, part: dict[str, Any]) -> None:
-        for name, value in (part.get("delta") or {}).items():
+        delta = part.get("delta")
+        for name, value in delta.items() if isinstance(delta, dict) else ():
             if name == "tool_calls":
-                for call in value or ():
-                    self._tool_call(call)
+                for call in value if isinstance(value, list) else ():
+                    if isinstance(call, dict):
+                        self._tool_call(call)
             elif name == "function_call" and isinstance(value, dict):
                 _merge_call(self.message.setdefault("function_call", {}), value)
             elif name == "role":
