@@ -242,8 +242,11 @@ def test_stream_payloads_is_the_general_reading(lines, same_endings):
 
 
 _EVENTS = st.sampled_from(
-    [b'data: {"a": 1}', b"data:[2]", b"data: [DONE]", b"data: {", b"data: 1, 2", b": c", b"id: 4"]
-    + [b'data: {"b":\n 2}']  # one value over two lines: only its first is data
+    [
+        *(b'data: {"a": 1}', b"data:[2]", b"data: [DONE]", b"data: {", b"data: 1, 2"),
+        *(b": c", b"id: 4"),
+        b'data: {"b":\n 2}',  # one value over two lines: only its first is data
+    ]
 )
 
 

@@ -103,6 +103,7 @@ raw_bodies = st.sampled_from(
         b"[" * 5000 + b"]" * 5000,  # deeper than the parsers go
         b'{"model": ' * 300 + b"1" + b"}" * 300,
         b'{"model": "m", "n": ' + b"9" * 5000 + b"}",  # a huge number
+        b'{"model": "m", "caching": true, "n": -9223372036854775809}',  # past 64 bits
         b'{"model": "a", "model": "b", "caching": true, "caching": false}',  # duplicate keys
         b'{"model": "\\ud800", "messages": [{"content": "\\udfff"}]}',  # lone surrogates
         b'{"model": "m", "messages": [{"role": "user", "content": "x"}]',  # cut short
