@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -380,7 +379,7 @@ class Forwarder:
             return None
         if not isinstance(payload, dict):
             return None
-        if _LONG_DIGITS.search(body) is not None and not _read_exactly(body, payload):
+        if _has_long_number(body) and not _read_exactly(body, payload):
             return None  # the features would not see what the client sent: they step aside
         # Only the chat log records the client's address.
         client = self._client(scope) if self._chatlog is not None else ""
@@ -398,8 +397,14 @@ class Forwarder:
 
 # orjson reads an integer beyond 64 bits as a float: re-serialized (without the cache's field),
 # hashed into a cache key or logged, such a body would not say what the client sent. A body
-# with a run of 19 digits is compared with Python's exact reading.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# with a run of 19 digits is compared with Python's exact reading. The run is found by mapping
+# every digit to "0" and every other byte to " ": a megabyte in 0.7 ms, a regex took 10.
+_DIGIT_OR_NOT = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _has_long_number(body: bytes) -> bool:
+    return _LONG_RUN in body.translate(_DIGIT_OR_NOT)
 
 
 def _read_exactly(body: bytes, payload: dict[str, object]) -> bool:
