@@ -168,7 +168,7 @@ def _ends_at_close(raw: aiohttp.ClientResponse, method: str) -> bool:
     )
 
 
-class _Sent:
+class _Attempt:
     """What a request's attempt learns from its connector: whether it went out on a connection
     that had carried a request before (taken from the pool)."""
 
@@ -180,7 +180,7 @@ class _Sent:
 
 # The attempt in progress in this task, told by the connector (aiohttp awaits the connector's
 # ``connect`` inline, in the task that called ``session.request``).
-_ATTEMPT: ContextVar[_Sent | None] = ContextVar("openai_forward_attempt", default=None)
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("openai_forward_attempt", default=None)
 
 
 _Connector = TypeVar("_Connector", bound=aiohttp.TCPConnector)
@@ -255,9 +255,9 @@ class Upstream:
         connector: aiohttp.BaseConnector
         options = {"limit": self._max_connections, "ssl": tls, "force_close": not keep_alive}
         if self._proxy is not None and self._http_proxy is None:
-            from aiohttp_socks import ProxyConnector as SocksConnector  # the [socks] extra
+            from aiohttp_socks import ProxyConnector  # the [socks] extra
 
-            ProxyConnector = _reuse_aware(SocksConnector) if keep_alive else SocksConnector
+            socks = _reuse_aware(ProxyConnector) if keep_alive else ProxyConnector
 
             # As curl reads them: socks5h:// lets the proxy resolve the name, socks5:// resolves
             # it here (aiohttp-socks knows only the socks5 scheme, with an rdns flag).
@@ -266,7 +266,7 @@ class Upstream:
             url = url.with_scheme(
                 {"socks5h": "socks5", "socks4a": "socks4"}.get(url.scheme, url.scheme)
             )
-            connector = ProxyConnector.from_url(str(url), rdns=remote_dns, **options)
+            connector = socks.from_url(str(url), rdns=remote_dns, **options)
             self._proxy_errors = _socks_errors()
         else:
             tcp = _reuse_aware(aiohttp.TCPConnector) if keep_alive else aiohttp.TCPConnector
@@ -457,7 +457,7 @@ class Upstream:
             if body.length is not None:
                 sent.append(("Content-Length", str(body.length)))  # not re-framed as chunked
         assert session is not None
-        attempt = _Sent()
+        attempt = _Attempt()
         noted = _ATTEMPT.set(attempt)
         try:
             return await session.request(
