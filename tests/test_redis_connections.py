@@ -5,6 +5,7 @@ costs the cache one timeout; redis-py is needed, and imported, only for a Redis 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -137,7 +138,10 @@ async def test_rediss_with_a_ca_of_our_own(
 
 
 @pytest.mark.redis
-async def test_a_frozen_redis_costs_the_cache_one_timeout(proxy_factory, upstream, redis_process):
+async def test_a_frozen_redis_costs_the_cache_one_timeout(
+    proxy_factory, upstream, redis_process, caplog
+):
+    caplog.set_level(logging.WARNING, logger="openai_forward")
     fake_openai.install(upstream)
     redis = redis_process()
     proxy = proxy_factory(
@@ -168,6 +172,8 @@ async def test_a_frozen_redis_costs_the_cache_one_timeout(proxy_factory, upstrea
         await asyncio.sleep(3.1)  # it steps aside for 3 s after a failure
         assert (await timed())[0] == "HIT"  # the entry written before the freeze
     assert len(upstream.requests) == 3
+    failures = [r.getMessage() for r in caplog.records if "Cache read on REDIS" in r.getMessage()]
+    assert len(failures) == 1 and "(TimeoutError: no answer from Redis in 2 s)" in failures[0]
 
 
 def test_redis_py_is_imported_only_for_a_redis_url():

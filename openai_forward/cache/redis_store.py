@@ -8,6 +8,9 @@ comes with the ``[redis]`` extra and is imported only when this backend is chose
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
 from openai_forward.settings import ConfigError
@@ -47,14 +50,28 @@ class RedisStore:
         return self._client
 
     async def get(self, key: bytes) -> bytes | None:
-        return cast(bytes | None, await self._live().get(self._prefix + key.hex()))
+        async with _deadline():
+            return cast(bytes | None, await self._live().get(self._prefix + key.hex()))
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
         name = self._prefix + key.hex()
-        await self._live().set(name, value, px=max(1, int(ttl * 1000)) if ttl else None)
+        async with _deadline():
+            await self._live().set(name, value, px=max(1, int(ttl * 1000)) if ttl else None)
 
     async def delete(self, key: bytes) -> None:
-        await self._live().delete(self._prefix + key.hex())
+        async with _deadline():
+            await self._live().delete(self._prefix + key.hex())
+
+
+@contextlib.asynccontextmanager
+async def _deadline() -> AsyncIterator[None]:
+    """Fail a command unanswered in ``TIMEOUT`` (the pool's connections have a connect
+    timeout only), saying so: asyncio's ``TimeoutError`` has no message."""
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            yield
+    except TimeoutError:
+        raise TimeoutError(f"no answer from Redis in {TIMEOUT:g} s") from None
 
 
 def require_driver() -> None:

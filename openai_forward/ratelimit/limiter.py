@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -79,9 +80,12 @@ class RequestLimiter:
         backend = self._backend
         assert backend is not None, "RequestLimiter.check before open"
         try:
-            for item in items:
-                if not await backend.strategy.hit(item, user, route):
-                    return await self._refuse(item, user, route)
+            async with asyncio.timeout(backend.timeout):
+                for item in items:
+                    if not await backend.strategy.hit(item, user, route):
+                        return await self._refuse(item, user, route)
+        except TimeoutError:  # asyncio's, with no message; a subclass of OSError, so first
+            return self._storage_failed(TimeoutError(f"no answer in {backend.timeout:g} s"))
         except self._errors as exc:
             return self._storage_failed(exc)
         if self._down_until:
