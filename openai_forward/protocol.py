@@ -101,6 +101,11 @@ class _HeadTooLarge(Exception):
     pass
 
 
+# What a connection's bytes so far end in: no request (or a whole one), a request's head, or its
+# body. ``data_received`` arms the timer of the part left incomplete.
+_IDLE, _HEAD, _BODY = "idle", "head", "body"
+
+
 class BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds of :class:`ClientBounds`.
 
@@ -121,6 +126,7 @@ class BoundedProtocol(HttpToolsProtocol):
             cls.bounds = ClientBounds.from_settings(Settings.from_env())
         self._bounds: ClientBounds = cls.bounds
         self._timer: asyncio.TimerHandle | None = None
+        self._reading = _IDLE  # which part of a request the bytes at hand end in
         self._head_bytes = 0
         self._header_count = 0
         self._head_too_large = False
@@ -147,13 +153,25 @@ class BoundedProtocol(HttpToolsProtocol):
         else:
             super().send_400_response(msg)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # The timers are armed once the bytes at hand are parsed, and only for a request they
+        # leave incomplete: most requests arrive whole in one read and never need one.
+        if self._reading == _IDLE or self.transport.is_closing():
+            return
+        if self._reading == _HEAD:
+            if self._timer is None:  # a kept-alive connection's next request has begun
+                self._arm(self._bounds.head_timeout, self._head_timed_out)
+        else:  # the body came on: its silence is measured from now
+            self._disarm()
+            self._arm(self._bounds.body_timeout, self._body_stalled)
+
     # Parser callbacks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = self._header_count = 0
-        if self._timer is None:  # a kept-alive connection's next request
-            self._arm(self._bounds.head_timeout, self._head_timed_out)
+        self._reading = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -167,8 +185,8 @@ class BoundedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.more_body:
-            self._arm(self._bounds.body_timeout, self._body_stalled)
+        more_body = self.cycle is not None and self.cycle.more_body
+        self._reading = _BODY if more_body else _IDLE
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # uvicorn builds its own cycle for each request; ours adds to it (see ProxyCycle)
@@ -177,14 +195,9 @@ class BoundedProtocol(HttpToolsProtocol):
         cycle.scope[HANG_UP] = cycle.watch_hang_up  # type: ignore[literal-required]  # ours
         super()._start_asgi_task(cycle, app)
 
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._arm(self._bounds.body_timeout, self._body_stalled)
-
     def on_message_complete(self) -> None:
         self._disarm()
+        self._reading = _IDLE
         super().on_message_complete()
 
     # Bounds

@@ -62,6 +62,29 @@ async def test_a_head_sent_a_byte_at_a_time_is_cut(proxy_factory, upstream):
     assert upstream.requests == []
 
 
+async def test_the_next_request_on_a_kept_alive_connection_is_timed_too(proxy_factory, upstream):
+    proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, CLIENT_HEAD_TIMEOUT=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if b"content-length" in line
+    )
+    await reader.readexactly(length)
+    await asyncio.sleep(0.7)  # idle between requests: the keep-alive timeout's business (5 s)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+    await writer.drain()
+    started = time.monotonic()
+    answer = await read_all(reader, 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.4 < time.monotonic() - started < 2
+    assert len(upstream.requests) == 1
+
+
 async def test_a_body_that_stalls_is_cut_and_nothing_goes_upstream(proxy_factory, upstream):
     proxy = proxy_factory(OPENAI_BASE_URL=upstream.url, CLIENT_BODY_TIMEOUT=0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
