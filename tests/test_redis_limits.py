@@ -100,6 +100,41 @@ async def test_sentinel_url(proxy_factory, upstream, redis_process, tmp_path_fac
         sentinel.kill()
 
 
+@pytest.mark.redis
+async def test_a_frozen_sentinel_is_passed_over(
+    proxy_factory, upstream, redis_process, tmp_path_factory
+):
+    """The first sentinel named answers nothing (SIGSTOP): the first request waits for one
+    socket timeout, and the next sentinel is asked; then limits work at full speed."""
+    master = redis_process()
+    sentinels = []
+    for _ in range(2):
+        directory = tmp_path_factory.mktemp("sentinel")
+        config = directory / "sentinel.conf"
+        config.write_text(f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+        sentinels.append(RedisProcess(directory, "--sentinel", config=config).start())
+    try:
+        addresses = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in sentinels)
+        proxy = proxy_factory(
+            OPENAI_BASE_URL=upstream.url,
+            GLOBAL_RATE_LIMIT="3/minute",
+            REQ_RATE_LIMIT_BACKEND=f"redis+sentinel://{addresses}/mymaster",
+            RATE_LIMIT_FAIL_OPEN="false",  # a failed check would be a 503
+        )
+        sentinels[0].freeze()
+        start = time.monotonic()
+        assert await statuses(proxy, 1) == [200]
+        assert time.monotonic() - start < 2.5  # one socket timeout (1 s), then the next one
+        start = time.monotonic()
+        assert await statuses(proxy, 2) == [200, 200]
+        assert time.monotonic() - start < 1.0
+        # A refusal reads the window from a replica: its client asks the sentinels afresh.
+        assert await statuses(proxy, 1) == [429]
+    finally:
+        for sentinel in sentinels:
+            sentinel.kill()
+
+
 @pytest.fixture
 def redis_cluster(redis_process, tmp_path_factory) -> str:
     """A Redis cluster of one node holding every slot: its ``redis+cluster://`` URL."""

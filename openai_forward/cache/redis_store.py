@@ -9,9 +9,8 @@ comes with the ``[redis]`` extra and is imported only when this backend is chose
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from openai_forward.settings import ConfigError
 
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
     from redis.asyncio import ConnectionPool, Redis
 
 TIMEOUT = 2.0
+T = TypeVar("T")
 
 
 class RedisStore:
@@ -50,26 +50,23 @@ class RedisStore:
         return self._client
 
     async def get(self, key: bytes) -> bytes | None:
-        async with _deadline():
-            return cast(bytes | None, await self._live().get(self._prefix + key.hex()))
+        return cast(bytes | None, await _answer(self._live().get(self._prefix + key.hex())))
 
     async def set(self, key: bytes, value: bytes, ttl: float | None) -> None:
         name = self._prefix + key.hex()
-        async with _deadline():
-            await self._live().set(name, value, px=max(1, int(ttl * 1000)) if ttl else None)
+        await _answer(self._live().set(name, value, px=max(1, int(ttl * 1000)) if ttl else None))
 
     async def delete(self, key: bytes) -> None:
-        async with _deadline():
-            await self._live().delete(self._prefix + key.hex())
+        await _answer(self._live().delete(self._prefix + key.hex()))
 
 
-@contextlib.asynccontextmanager
-async def _deadline() -> AsyncIterator[None]:
-    """Fail a command unanswered in ``TIMEOUT`` (the pool's connections have a connect
-    timeout only), saying so: asyncio's ``TimeoutError`` has no message."""
+async def _answer(command: Awaitable[T]) -> T:
+    """What ``command`` returns, failing it if Redis has not answered in ``TIMEOUT`` (the
+    pool's connections time out only when connecting), with a message saying so: asyncio's
+    ``TimeoutError`` has none."""
     try:
         async with asyncio.timeout(TIMEOUT):
-            yield
+            return await command
     except TimeoutError:
         raise TimeoutError(f"no answer from Redis in {TIMEOUT:g} s") from None
 

@@ -12,6 +12,8 @@ from openai_forward.ratelimit.rules import UNAVAILABLE, Refusal, Rules, refusal
 from openai_forward.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from limits import RateLimitItem
 
     from openai_forward.ratelimit.storage import Backend
@@ -80,10 +82,11 @@ class RequestLimiter:
         backend = self._backend
         assert backend is not None, "RequestLimiter.check before open"
         try:
-            async with asyncio.timeout(backend.timeout):
-                for item in items:
-                    if not await backend.strategy.hit(item, user, route):
-                        return await self._refuse(item, user, route)
+            if backend.timeout is None:
+                found = await self._count(items, user, route)
+            else:
+                async with asyncio.timeout(backend.timeout):
+                    found = await self._count(items, user, route)
         except TimeoutError:  # asyncio's, with no message; a subclass of OSError, so first
             return self._storage_failed(TimeoutError(f"no answer in {backend.timeout:g} s"))
         except self._errors as exc:
@@ -91,6 +94,13 @@ class RequestLimiter:
         if self._down_until:
             self._down_until = 0.0
             logger.info("Rate limit storage is back: requests are limited again")
+        return found
+
+    async def _count(self, items: Sequence[RateLimitItem], user: str, route: str) -> Refusal | None:
+        assert self._backend is not None
+        for item in items:
+            if not await self._backend.strategy.hit(item, user, route):
+                return await self._refuse(item, user, route)
         return None
 
     async def _refuse(self, item: RateLimitItem, user: str, route: str) -> Refusal:

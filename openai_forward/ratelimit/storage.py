@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # redis-py is an optional extra
 
 VARIABLE = "REQ_RATE_LIMIT_BACKEND"
 MAX_REDIS_CONNECTIONS = 65536  # in effect: no cap of its own (see connection_pool)
-# A check that Redis has not answered in this long is a failure (the limiter then fails open or
-# closed) rather than a request held up: a dead or frozen Redis host must not hang the proxy.
+# A Redis check unanswered in this long is a failure (the limiter then fails open or closed)
+# rather than a request held up: a dead or frozen Redis host must not hang the proxy.
 REDIS_TIMEOUT = 1.0
 STARTUP_TIMEOUT = 2.0
 
@@ -99,7 +99,7 @@ class Backend:
     strategy: RateLimiter
     errors: tuple[type[BaseException], ...]  # what a lost storage raises
     close: Callable[[], Awaitable[None]]
-    timeout: float | None = None  # the deadline of one check, for a storage that can hang
+    timeout: float | None = None  # the deadline of one check, if the storage has none of its own
 
 
 def is_redis(url: str) -> bool:
@@ -121,6 +121,10 @@ def open_backend(settings: Settings) -> Backend:
     pool = None
     if url.startswith(("redis://", "rediss://", "unix://")):  # Sentinel and Cluster pool alike
         options["connection_pool"] = pool = connection_pool(url, REDIS_TIMEOUT)
+    # One server: one deadline per check, as the pool's connections time out only when
+    # connecting. Sentinel and Cluster clients keep their socket timeouts: they move on to the
+    # next sentinel, or find a cluster's new layout, only when a socket call fails.
+    deadline = REDIS_TIMEOUT if pool is not None else None
     storage = _limits_storage(
         url,
         f"async+{uri}",
@@ -148,7 +152,7 @@ def open_backend(settings: Settings) -> Backend:
     # redis-py raises its RedisError subclasses, but a cluster it cannot reach raises
     # RedisClusterException, and a socket error may reach us bare from below it.
     errors = (*_as_tuple(storage.base_exceptions), RedisClusterException, OSError)
-    return Backend(strategy(storage), errors, close, REDIS_TIMEOUT)
+    return Backend(strategy(storage), errors, close, deadline)
 
 
 async def _nothing_to_close() -> None:
@@ -201,13 +205,7 @@ def _limits_storage(url: str, uri: str, **options: Any) -> Any:
 def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str, Any]:
     """The options of every Redis client here: short timeouts and no retry. (redis-py retries
     a failed command 10 times by default; a hit whose reply was lost may have counted already,
-    so a retry could count it twice, and retries would hold the request up.)
-
-    The asyncio clients get a connect timeout only: their callers put one deadline
-    (``asyncio.timeout``) around each operation instead. redis-py's ``socket_timeout`` wraps
-    every write in ``asyncio.wait_for``, which on Python 3.11 runs it as a task of its own:
-    measured, 99k of the 369k instructions of a limiter hit.
-    """
+    so a retry could count it twice, and retries would hold the request up.)"""
     from redis.backoff import NoBackoff
 
     if asynchronous:
@@ -215,7 +213,7 @@ def _redis_options(uri: str, timeout: float, *, asynchronous: bool) -> dict[str,
     else:
         from redis.retry import Retry  # type: ignore[assignment]
     options: dict[str, Any] = {
-        "socket_timeout": None if asynchronous else timeout,
+        "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
     }
@@ -228,15 +226,18 @@ def connection_pool(url: str, timeout: float) -> redis.asyncio.ConnectionPool:
     """Connections to ``url`` (``redis://``, ``rediss://`` or ``unix://``), as many as commands
     are in flight: redis-py's default cap (100) fails a command at once past it, and its
     blocking pool costs a task per command (about 30 µs of CPU, measured). The requests in
-    flight, which the server bounds, bound the connections. A connect timeout and no retry, as
-    for every asyncio Redis client here: the caller bounds each operation."""
+    flight, which the server bounds, bound the connections. No retry, as for every Redis client
+    here.
+
+    ``timeout`` bounds connecting only: the caller puts one deadline (``asyncio.timeout``)
+    around each of its operations instead. redis-py's ``socket_timeout`` wraps every write in
+    ``asyncio.wait_for``, which on Python 3.11 runs it as a task of its own: measured, 99k of
+    the 369k instructions of a limiter hit."""
     from redis.asyncio import ConnectionPool
 
-    return ConnectionPool.from_url(
-        url,
-        max_connections=MAX_REDIS_CONNECTIONS,
-        **_redis_options(url, timeout, asynchronous=True),
-    )
+    options = _redis_options(url, timeout, asynchronous=True)
+    options["socket_timeout"] = None
+    return ConnectionPool.from_url(url, max_connections=MAX_REDIS_CONNECTIONS, **options)
 
 
 def ping_redis(url: str) -> None:
