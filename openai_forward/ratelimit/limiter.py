@@ -85,16 +85,25 @@ class RequestLimiter:
             if backend.timeout is None:
                 found = await self._count(items, user, route)
             else:
-                async with asyncio.timeout(backend.timeout):
-                    found = await self._count(items, user, route)
-        except TimeoutError:  # asyncio's, with no message; a subclass of OSError, so first
-            return self._storage_failed(TimeoutError(f"no answer in {backend.timeout:g} s"))
+                found = await self._count_within(backend.timeout, items, user, route)
         except self._errors as exc:
             return self._storage_failed(exc)
         if self._down_until:
             self._down_until = 0.0
             logger.info("Rate limit storage is back: requests are limited again")
         return found
+
+    async def _count_within(
+        self, seconds: float, items: Sequence[RateLimitItem], user: str, route: str
+    ) -> Refusal | None:
+        """``_count``, failed with a ``TimeoutError`` that says so (asyncio's has no message)
+        if the storage has not answered in ``seconds``. (A Redis backend's errors take in
+        ``OSError``, so ``TimeoutError``.)"""
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._count(items, user, route)
+        except TimeoutError:
+            raise TimeoutError(f"no answer in {seconds:g} s") from None
 
     async def _count(self, items: Sequence[RateLimitItem], user: str, route: str) -> Refusal | None:
         assert self._backend is not None
